@@ -1,0 +1,194 @@
+"""The ShapesEval base model: SD3's architecture in miniature, from real diffusers parts.
+
+An ``AutoencoderKL`` maps 32x32 RGB to 4x8x8 latents (scaled and shifted as SD3 does),
+an ``SD3Transformer2DModel`` (MMDiT) predicts the flow velocity on those latents, and a
+small ``transformers.CLIPTextModel`` over a closed word vocabulary gives the token
+sequence and pooled embedding the MMDiT expects. Saved in diffusers' folder layout
+(``vae/``, ``transformer/``, ``text_encoder/``, ``tokenizer.json``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .base import PromptEmbeddings
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+DEFAULT_MAX_TOKENS = 16
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes-base"
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+    mid_block_add_attention=False,
+)
+TEXT_HIDDEN = 64
+TRANSFORMER_CONFIG = dict(
+    sample_size=8,
+    patch_size=1,
+    in_channels=4,
+    out_channels=4,
+    num_layers=6,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=TEXT_HIDDEN,
+    caption_projection_dim=128,
+    pooled_projection_dim=TEXT_HIDDEN,
+    pos_embed_max_size=8,
+)
+
+
+class WordTokenizer:
+    """Word-level tokenizer over a closed vocabulary: <bos> words <eos> <pad>...
+
+    Unknown words and over-long prompts raise ``ValueError`` naming the problem, so a
+    typo in a prompt file fails before any training starts.
+    """
+
+    def __init__(self, words: list[str], max_length: int = DEFAULT_MAX_TOKENS):
+        self.words = list(words)
+        self.max_length = max_length
+        self.index = {w: i for i, w in enumerate(SPECIAL_TOKENS + tuple(self.words))}
+        self.pad_id, self.bos_id, self.eos_id = (self.index[t] for t in SPECIAL_TOKENS)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.index)
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        rows = []
+        for prompt in prompts:
+            words = prompt.lower().split()
+            unknown = [w for w in words if w not in self.index or w in SPECIAL_TOKENS]
+            if unknown:
+                raise ValueError(f"prompt {prompt!r} has words outside the text encoder's vocabulary: {unknown}")
+            if len(words) + 2 > self.max_length:
+                raise ValueError(
+                    f"prompt {prompt!r} has {len(words)} words; the text encoder accepts at most {self.max_length - 2}"
+                )
+            ids = [self.bos_id] + [self.index[w] for w in words] + [self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps({"words": self.words, "max_length": self.max_length}, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "WordTokenizer":
+        data = json.loads(Path(path).read_text())
+        return cls(data["words"], data["max_length"])
+
+
+def text_encoder_config(tokenizer: WordTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        projection_dim=TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.max_length,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
+
+
+class ShapesModel:
+    """Adapter for the ShapesEval model (see ``dgpo.models.base.FlowModelAdapter``)."""
+
+    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+    def __init__(self, vae: AutoencoderKL, transformer: SD3Transformer2DModel, text_encoder: CLIPTextModel, tokenizer: WordTokenizer):
+        self.vae = vae
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_config(cls, words: list[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> "ShapesModel":
+        """Randomly initialised components (for pretraining and tests)."""
+        tokenizer = WordTokenizer(words, max_tokens)
+        return cls(
+            AutoencoderKL(**VAE_CONFIG),
+            SD3Transformer2DModel(**TRANSFORMER_CONFIG),
+            CLIPTextModel(text_encoder_config(tokenizer)),
+            tokenizer,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path = SHIPPED_MODEL) -> "ShapesModel":
+        path = Path(path)
+        if not (path / "transformer").is_dir():
+            raise FileNotFoundError(f"no ShapesEval model at {path} (expected vae/, transformer/, text_encoder/, tokenizer.json)")
+        model = cls(
+            AutoencoderKL.from_pretrained(path / "vae"),
+            SD3Transformer2DModel.from_pretrained(path / "transformer"),
+            CLIPTextModel.from_pretrained(path / "text_encoder"),
+            WordTokenizer.load(path / "tokenizer.json"),
+        )
+        model.eval()
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.vae.save_pretrained(path / "vae")
+        self.transformer.save_pretrained(path / "transformer")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.tokenizer.save(path / "tokenizer.json")
+
+    def eval(self) -> "ShapesModel":
+        for module in (self.vae, self.transformer, self.text_encoder):
+            module.eval().requires_grad_(False)
+        return self
+
+    def to(self, device: torch.device | str) -> "ShapesModel":
+        for module in (self.vae, self.transformer, self.text_encoder):
+            module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        c = self.transformer.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    def text_features(self, token_ids: torch.Tensor) -> PromptEmbeddings:
+        out = self.text_encoder(input_ids=token_ids.to(self.device))
+        return (out.last_hidden_state, out.pooler_output)
+
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
+        with torch.no_grad():
+            return self.text_features(self.tokenizer(prompts))
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeddings: PromptEmbeddings) -> torch.Tensor:
+        hidden, pooled = embeddings
+        timestep = sigma.expand(latents.shape[0]) * 1000.0
+        return self.transformer(
+            hidden_states=latents, encoder_hidden_states=hidden, pooled_projections=pooled, timestep=timestep
+        ).sample
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        images = self.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample
+        return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        mean = self.vae.encode(images * 2.0 - 1.0).latent_dist.mean
+        return (mean - cfg.shift_factor) * cfg.scaling_factor

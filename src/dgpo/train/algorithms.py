@@ -1,0 +1,81 @@
+"""Training algorithms as registered functions: one micro-step's loss from an ``UpdateContext``.
+
+The trainer owns rollouts, rewards, advantages and the optimizer; an algorithm only turns
+a micro-batch of final samples and advantages into a loss (plus detached metrics).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from ..losses import dgpo_loss, per_sample_mse, velocity_kl
+from ..models.base import PromptEmbeddings
+
+if TYPE_CHECKING:
+    from .loop import Trainer
+
+
+@dataclass
+class UpdateContext:
+    trainer: "Trainer"
+    step: int
+    timestep_index: int
+    sample_ids: torch.Tensor
+    group_ids: torch.Tensor
+    x0: torch.Tensor
+    embeddings: PromptEmbeddings
+    advantages: torch.Tensor
+
+
+Algorithm = Callable[[UpdateContext], tuple[torch.Tensor, dict[str, float]]]
+_ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(name: str):
+    def decorator(fn: Algorithm) -> Algorithm:
+        _ALGORITHMS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in _ALGORITHMS:
+        hint = difflib.get_close_matches(name, _ALGORITHMS, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"unknown algorithm {name!r}{suggestion}; available: {', '.join(sorted(_ALGORITHMS))}")
+    return _ALGORITHMS[name]
+
+
+def renoise(ctx: UpdateContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_t = (1 - t) x0 + t eps with a per-group t and per-group shared eps; returns (x_t, t, v target)."""
+    tr = ctx.trainer
+    sigma = tr.training_sigmas(ctx.step, ctx.timestep_index, ctx.group_ids)
+    eps = tr.group_noise(ctx.step, ctx.timestep_index, ctx.group_ids)
+    s = sigma.view(-1, *([1] * (ctx.x0.dim() - 1)))
+    return (1 - s) * ctx.x0 + s * eps, sigma, eps - ctx.x0
+
+
+@register_algorithm("dgpo")
+def dgpo_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
+    """DGPO (paper Eq. 17): group preference between the positive and negative halves of each group."""
+    tr, loss_cfg = ctx.trainer, ctx.trainer.config.loss
+    xt, sigma, target = renoise(ctx)
+    v_ref = tr.reference_velocity(xt, sigma, ctx.embeddings)
+    v_theta = tr.model.velocity(xt, sigma, ctx.embeddings)
+    err_theta = per_sample_mse(v_theta.float(), target)
+    err_ref = per_sample_mse(v_ref.float(), target)
+    loss, metrics = dgpo_loss(
+        ctx.advantages, err_theta, err_ref, ctx.group_ids.to(err_theta.device), loss_cfg.beta,
+        group_sum=tr.group_sum, num_groups=tr.layout.groups_per_step,
+    )
+    if loss_cfg.kl_beta > 0:
+        kl = velocity_kl(v_theta.float(), v_ref.float())
+        loss = loss + loss_cfg.kl_beta * kl.sum() / tr.layout.samples_per_step
+        metrics["kl"] = kl.mean().detach()
+    ref_forwards = 2 if loss_cfg.reference_guidance_scale != 1 else 1
+    tr.counters.forward_equivalents += len(ctx.sample_ids) * tr.acc.num_processes * (3 + ref_forwards)
+    return loss, {k: float(v) for k, v in metrics.items()}

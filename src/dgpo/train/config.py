@@ -1,0 +1,271 @@
+"""One typed configuration for a run: dataclasses with help text, YAML recipes, dotted overrides.
+
+A recipe sets a few fields in YAML; ``--set section.field=value`` overrides them on the
+command line. Every value is checked when the config is built: an unknown key (with a
+did-you-mean), a wrong type or an out-of-range value is a one-line ``ConfigError``
+before any model is loaded. Quantities are *global* (groups per step, group size);
+per-rank values are derived at run time from the process count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one line."""
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    backend: str = _help("model adapter: shapes (the built-in ShapesEval model), sd3, flux, sana", default="shapes")
+    path: str = _help("model directory or hub id; 'shipped' = the ShapesEval model inside the package", default="shipped")
+    lora_rank: int = _help("LoRA rank; 0 trains all transformer weights", default=16)
+    lora_alpha: float = _help("LoRA alpha (scale = alpha / rank)", default=32.0)
+    lora_targets: list[str] = _help("module names LoRA wraps; empty = the adapter's attention projections", default_factory=list)
+    mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", default="no")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = _help("'shapes:train', or a text file (one prompt per line) or JSONL ({prompt, metadata})", default="shapes:train")
+    group_size: int = _help("G: images per prompt (one group)", default=12)
+    groups_per_step: int = _help("prompts (groups) per optimizer step, over all processes", default=8)
+    micro_batch: int = _help("images per forward/backward per process; processes x micro_batch must hold whole groups", default=24)
+    text_dropout: float = _help("probability of training on the empty prompt (paper: 0.05)", default=0.05)
+
+
+@dataclass
+class RolloutConfig:
+    sampler: str = _help("ODE solver for rollouts: dpm2m (Flow-DPM-Solver) or euler", default="dpm2m")
+    num_steps: int = _help("solver steps per rollout", default=10)
+    shift: float = _help("SD3 time shift of the sigma schedule", default=3.0)
+    guidance_scale: float = _help("CFG scale during rollouts (1 = no CFG; paper mode 1: 4.5)", default=4.5)
+    ema_after: int = _help("use an EMA of the policy as rollout model after this many steps (-1: never; paper 200)", default=200)
+    ema_decay: float = _help("decay of the rollout EMA (paper 0.3)", default=0.3)
+
+
+@dataclass
+class RewardConfig:
+    weights: dict[str, float] = _help("reward name -> weight", default_factory=lambda: {"shapes_partial": 1.0})
+    std_mode: str = _help("advantage normalisation: group, global or none", default="group")
+    advantage_clip: float = _help("clip advantages to +-this (0 = off)", default=5.0)
+
+
+@dataclass
+class LossConfig:
+    algorithm: str = _help("training algorithm (registered variant): dgpo", default="dgpo")
+    beta: float = _help("beta of the group preference (paper 100 GenEval/OCR, 10 PickScore)", default=100.0)
+    timesteps: int = _help("M: training timesteps per group per step", default=2)
+    timestep_mode: str = _help("continuous: t ~ U[t_min, t_max]; grid: one of the first grid_points rollout sigmas", default="continuous")
+    t_min: float = _help("timestep clipping: lowest training sigma (paper: 0.3-0.6 stable)", default=0.6)
+    t_max: float = _help("highest training sigma", default=1.0)
+    grid_points: int = _help("grid mode: draw from the first k sigmas of the rollout schedule", default=5)
+    kl_beta: float = _help("weight of mean((v_theta - v_ref)^2) (reference code 0.02; paper 0)", default=0.0)
+    reference_guidance_scale: float = _help("CFG of the reference model in training (paper mode 2: 4.5; mode 1: 1)", default=1.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("AdamW learning rate", default=3e-4)
+    weight_decay: float = _help("AdamW weight decay", default=1e-4)
+    betas: tuple[float, float] = _help("AdamW betas", default=(0.9, 0.999))
+    grad_clip: float = _help("max gradient norm (0 = off)", default=1.0)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _help("evaluate on the test prompts every N steps (0 = only before and after)", default=0)
+    images_per_category: int = _help("test images per category for periodic evaluation", default=96)
+    final_images_per_category: int = _help("test images per category for the before/after evaluation", default=96)
+    ema_decay: float = _help("decay of the evaluation EMA of the policy (0 = evaluate the raw policy)", default=0.0)
+    sampler: str = _help("ODE solver for evaluation", default="dpm2m")
+    num_steps: int = _help("solver steps for evaluation", default=10)
+    shift: float = _help("time shift for evaluation", default=3.0)
+    guidance_scale: float = _help("CFG scale for evaluation", default=4.5)
+
+
+@dataclass
+class RunConfig:
+    seed: int = _help("seed of every random draw (keyed per group and sample)", default=0)
+    max_steps: int = _help("optimizer steps", default=100)
+    output_dir: str = _help("where logs, checkpoints, grids and the report go", default="runs/dgpo-shapes")
+    save_every: int = _help("checkpoint every N steps (0 = only at the end)", default=25)
+    keep_checkpoints: int = _help("checkpoints kept (oldest removed first; the newest good one is never removed)", default=2)
+    log_every: int = _help("print a log line every N steps", default=1)
+    tensorboard: bool = _help("write TensorBoard logs", default=True)
+    wandb_project: str = _help("log to this wandb project too (empty = off)", default="")
+    threads: int = _help("CPU threads per process (0 = torch default)", default=0)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        d, r, l, m = self.data, self.rollout, self.loss, self.model
+        checks = [
+            (d.group_size >= 2, f"data.group_size must be >= 2 (a group needs two samples to compare), got {d.group_size}"),
+            (d.groups_per_step >= 1, f"data.groups_per_step must be >= 1, got {d.groups_per_step}"),
+            (d.micro_batch >= 1, f"data.micro_batch must be >= 1, got {d.micro_batch}"),
+            (0 <= d.text_dropout < 1, f"data.text_dropout must be in [0, 1), got {d.text_dropout}"),
+            (r.num_steps >= 1, f"rollout.num_steps must be >= 1, got {r.num_steps}"),
+            (r.shift > 0, f"rollout.shift must be > 0, got {r.shift}"),
+            (r.guidance_scale >= 1, f"rollout.guidance_scale must be >= 1, got {r.guidance_scale}"),
+            (0 <= r.ema_decay < 1, f"rollout.ema_decay must be in [0, 1), got {r.ema_decay}"),
+            (0 <= self.eval.ema_decay < 1, f"eval.ema_decay must be in [0, 1), got {self.eval.ema_decay}"),
+            (l.beta > 0, f"loss.beta must be > 0, got {l.beta}"),
+            (l.timesteps >= 1, f"loss.timesteps must be >= 1, got {l.timesteps}"),
+            (l.timestep_mode in ("continuous", "grid"), f"loss.timestep_mode must be continuous or grid, got {l.timestep_mode!r}"),
+            (0 <= l.t_min < l.t_max <= 1, f"need 0 <= loss.t_min < loss.t_max <= 1, got t_min={l.t_min}, t_max={l.t_max}"),
+            (1 <= l.grid_points <= r.num_steps, f"loss.grid_points must be in [1, rollout.num_steps={r.num_steps}], got {l.grid_points}"),
+            (l.kl_beta >= 0, f"loss.kl_beta must be >= 0, got {l.kl_beta}"),
+            (self.reward.std_mode in ("group", "global", "none"), f"reward.std_mode must be group, global or none, got {self.reward.std_mode!r}"),
+            (bool(self.reward.weights), "reward.weights is empty: name at least one reward"),
+            (sum(self.reward.weights.values()) != 0, f"reward.weights sum to zero: {self.reward.weights}"),
+            (m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}"),
+            (m.mixed_precision in ("no", "fp16", "bf16"), f"model.mixed_precision must be no, fp16 or bf16, got {m.mixed_precision!r}"),
+            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+            (self.run.max_steps >= 0, f"run.max_steps must be >= 0, got {self.run.max_steps}"),
+            (self.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.run.keep_checkpoints}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, annotation, key: str):
+    """Check/convert a YAML or command-line value to the field's declared type."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(annotation)):
+            raise ConfigError(f"{key} must be a list of {len(typing.get_args(annotation))} values, got {value!r}")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, typing.get_args(annotation))))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(annotation, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    return value
+
+
+def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+    hint = difflib.get_close_matches(key, known, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    return ConfigError(f"unknown config key {where}{key!r}{suggestion} (known: {', '.join(known)})")
+
+
+def _apply(config: Config, section: str, name: str, value) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise _unknown_key(section, list(sections), "section ")
+    target = getattr(config, section)
+    hints = typing.get_type_hints(type(target))
+    if name not in hints:
+        raise _unknown_key(name, list(hints), f"{section}.")
+    setattr(target, name, _coerce(value, hints[name], f"{section}.{name}"))
+
+
+def config_from_dict(data: dict, config: Config | None = None) -> Config:
+    config = config or Config()
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of fields, got {values!r}")
+        for name, value in values.items():
+            _apply(config, section, name, value)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'section.field=value' with a YAML-parsed value."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.field=value (e.g. loss.beta=100)")
+    key, raw = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    return section, name, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML recipe at ``path``, then ``section.field=value`` overrides; validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        config_from_dict(data, config)
+    for text in overrides:
+        _apply(config, *parse_override(text))
+    return config.validate()
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_help() -> str:
+    """Every field with its default and help text, for `dgpo train --help-config`."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(section.default_factory()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

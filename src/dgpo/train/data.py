@@ -1,0 +1,112 @@
+"""Prompts and the group layout of a step: which process holds which samples of which group.
+
+A step draws ``groups_per_step`` prompts (a shuffled pass over the prompt set, keyed by the
+run seed, so the draw depends only on the step number). Sample ``n`` of the step belongs to
+group ``n // G``. Micro-step ``m`` covers whole groups; each process holds a contiguous
+slice of every micro-step, so a group may span processes but never micro-steps, and the
+cross-process group sum of one micro-step completes every group in it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..seeding import stable_seed
+from ..shapes.prompts import test_specs, train_specs
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    metadata: dict
+
+
+class PromptSource:
+    def __init__(self, prompts: list[Prompt], name: str):
+        if not prompts:
+            raise ValueError(f"prompt source {name} is empty")
+        self.prompts = prompts
+        self.name = name
+
+    @classmethod
+    def load(cls, spec: str) -> "PromptSource":
+        """'shapes:train', 'shapes:test', a .txt file (one prompt per line) or a .jsonl file of {prompt, metadata}."""
+        if spec in ("shapes:train", "shapes:test"):
+            specs = train_specs() if spec == "shapes:train" else test_specs()
+            return cls([Prompt(s.prompt, s.to_metadata()) for s in specs], spec)
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {spec} (or use shapes:train / shapes:test)")
+        prompts = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                    prompts.append(Prompt(str(row["prompt"]), dict(row.get("metadata") or {})))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{spec}:{number}: expected a JSON object with a 'prompt' field") from None
+            else:
+                prompts.append(Prompt(line.strip(), {}))
+        return cls(prompts, spec)
+
+    def for_step(self, seed: int, step: int, count: int) -> list[Prompt]:
+        """The ``count`` prompts of ``step``: consecutive slices of seeded per-epoch permutations."""
+        out = []
+        n = len(self.prompts)
+        for position in range(step * count, (step + 1) * count):
+            epoch, offset = divmod(position, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed("prompts", seed, epoch)))
+            out.append(self.prompts[int(order[offset])])
+        return out
+
+
+class LayoutError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    group_size: int
+    groups_per_step: int
+    micro_batch: int
+    world_size: int = 1
+    rank: int = 0
+
+    def __post_init__(self):
+        per_micro = self.micro_batch * self.world_size
+        if per_micro % self.group_size:
+            raise LayoutError(
+                f"{self.world_size} process(es) x micro_batch {self.micro_batch} = {per_micro} images per micro-step, "
+                f"which does not hold whole groups of {self.group_size}; choose micro_batch so that "
+                f"world_size * micro_batch is a multiple of group_size"
+            )
+        if self.groups_per_step % self.groups_per_micro:
+            raise LayoutError(
+                f"groups_per_step {self.groups_per_step} is not a multiple of the {self.groups_per_micro} groups "
+                f"each micro-step holds ({self.world_size} x {self.micro_batch} images / group of {self.group_size})"
+            )
+
+    @property
+    def groups_per_micro(self) -> int:
+        return self.micro_batch * self.world_size // self.group_size
+
+    @property
+    def micro_steps(self) -> int:
+        return self.groups_per_step // self.groups_per_micro
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.group_size * self.groups_per_step
+
+    def local_samples(self) -> list[list[int]]:
+        """Global sample indices this process holds, one list per micro-step."""
+        out = []
+        for m in range(self.micro_steps):
+            start = m * self.groups_per_micro * self.group_size + self.rank * self.micro_batch
+            out.append(list(range(start, start + self.micro_batch)))
+        return out

@@ -1,0 +1,413 @@
+"""The online training loop: rollout -> reward -> advantages -> update, one named function each.
+
+Runs under ``accelerate`` on one process or many. Every random draw is keyed by
+(seed, step, group or sample), so 1 and 2 processes, and a resumed run, compute the
+same numbers. Gradients of the trainable (LoRA) parameters are summed across
+processes explicitly after the micro-steps, so the loss normalisation is global.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig
+from tqdm.auto import tqdm
+
+from ..losses import group_advantages
+from ..models import load_model
+from ..models.base import PromptEmbeddings, cat_embeddings, index_embeddings
+from ..rewards import as_scores, combine_rewards, get_reward
+from ..sampling import cfg_velocity, flow_sigmas, get_sampler
+from ..seeding import keyed_randn, keyed_uniform
+from .algorithms import UpdateContext, get_algorithm
+from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, save_config
+from .data import GroupLayout, Prompt, PromptSource
+from .ema import ParameterEMA
+
+PREEMPTED_EXIT_CODE = 75
+
+
+class RewardFailure(RuntimeError):
+    pass
+
+
+@dataclass
+class Rollout:
+    """One step's local samples: latents x0, decoded images, and their prompts."""
+
+    sample_ids: list[int]
+    latents: torch.Tensor
+    images: torch.Tensor
+    prompts: list[Prompt]
+
+
+@dataclass
+class StepCounters:
+    step: int = 0
+    forward_equivalents: float = 0.0
+    elapsed_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def attach_trainable(model, cfg) -> list[tuple[str, torch.nn.Parameter]]:
+    """LoRA via peft on the transformer (rank > 0) or the whole transformer; returns named trainable params."""
+    transformer = model.transformer
+    transformer.requires_grad_(False)
+    if cfg.lora_rank > 0:
+        targets = cfg.lora_targets or model.lora_target_modules
+        transformer.add_adapter(
+            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, init_lora_weights="gaussian")
+        )
+        named = [(n, p) for n, p in transformer.named_parameters() if "lora_" in n]
+        for _, p in named:
+            p.requires_grad_(True)
+        return named
+    transformer.requires_grad_(True)
+    return list(transformer.named_parameters())
+
+
+class Trainer:
+    def __init__(self, config: Config, accelerator: Accelerator | None = None, log=None):
+        self.config = config
+        self.acc = accelerator or Accelerator(mixed_precision=config.model.mixed_precision, cpu=not torch.cuda.is_available())
+        self.log = log or self.acc.print
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
+        d = config.data
+        self.layout = GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, self.acc.num_processes, self.acc.process_index)
+        self.algorithm = get_algorithm(config.loss.algorithm)
+        self.prompts = PromptSource.load(d.prompts)
+        self.rewards = {name: get_reward(name) for name in config.reward.weights}
+        self.output = Path(config.run.output_dir)
+        self.model = load_model(config.model.backend, config.model.path).to(self.acc.device)
+        self._embedding_cache: dict[str, PromptEmbeddings] = {}
+        self._embed([p.text for p in self.prompts.prompts] + [""])
+        self.trainable = attach_trainable(self.model, config.model)
+        self.reference_transformer = None if config.model.lora_rank > 0 else copy.deepcopy(self.model.transformer).requires_grad_(False)
+        o = config.optim
+        self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.rollout_ema = ParameterEMA(self.trainable, config.rollout.ema_decay)
+        self.eval_ema = ParameterEMA(self.trainable, config.eval.ema_decay) if config.eval.ema_decay > 0 else None
+        self.counters = StepCounters()
+        self._stop_requested = False
+        self._writer = None
+
+    # ----- helpers -------------------------------------------------------------------------
+    def _embed(self, texts: list[str]) -> PromptEmbeddings:
+        missing = sorted({t for t in texts if t not in self._embedding_cache})
+        for start in range(0, len(missing), 256):
+            chunk = missing[start : start + 256]
+            embeddings = self.model.encode_prompts(chunk)
+            for i, text in enumerate(chunk):
+                self._embedding_cache[text] = index_embeddings(embeddings, slice(i, i + 1))
+        return cat_embeddings([self._embedding_cache[t] for t in texts])
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference: the same transformer with LoRA disabled (no second copy), or the frozen copy."""
+        if self.reference_transformer is None:
+            self.model.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.model.transformer.enable_adapters()
+        else:
+            live, self.model.transformer = self.model.transformer, self.reference_transformer
+            try:
+                yield
+            finally:
+                self.model.transformer = live
+
+    def _sample_keys(self, purpose: str, step: int, ids: list[int]) -> list[tuple]:
+        return [(purpose, self.config.run.seed, step, i) for i in ids]
+
+    # ----- the four phases -------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, step: int, step_prompts: list[Prompt], sample_ids: list[int]) -> Rollout:
+        """Generate this process's samples with the deterministic ODE solver (EMA policy after ema_after steps)."""
+        r = self.config.rollout
+        G = self.layout.group_size
+        prompts = [step_prompts[i // G] for i in sample_ids]
+        use_ema = 0 <= r.ema_after <= step
+        noise = keyed_randn(self.model.latent_shape, self._sample_keys("rollout", step, sample_ids), device=self.acc.device)
+        cond = self._embed([p.text for p in prompts])
+        uncond = self._embed([""] * len(prompts))
+        sigmas = flow_sigmas(r.num_steps, r.shift, device=self.acc.device)
+        with self.rollout_ema.swapped_in() if use_ema else contextlib.nullcontext(), self.acc.autocast():
+            velocity_fn = cfg_velocity(self.model.velocity, cond, uncond, r.guidance_scale)
+            latents = get_sampler(r.sampler)(velocity_fn, noise, sigmas).sample.float()
+            images = self.model.decode(latents).float()
+        cfg_factor = 2 if r.guidance_scale != 1 else 1
+        self.counters.forward_equivalents += len(sample_ids) * self.acc.num_processes * r.num_steps * cfg_factor
+        return Rollout(sample_ids, latents, images, prompts)
+
+    def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted rewards of the local samples; NaN where no reward applies or a reward failed."""
+        texts = [p.text for p in rollout.prompts]
+        metadata = [p.metadata for p in rollout.prompts]
+        per_reward, logs = {}, {}
+        for name, fn in self.rewards.items():
+            try:
+                scores = as_scores(fn(rollout.images, texts, metadata), len(texts), name)
+            except Exception as exc:  # a crashing reward must name itself, never poison advantages
+                raise RewardFailure(f"reward {name!r} failed: {type(exc).__name__}: {exc}") from exc
+            scores = np.where(np.isfinite(scores), scores, np.nan)
+            per_reward[name] = scores
+            logs[f"reward/{name}"] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+        total = combine_rewards(per_reward, self.config.reward.weights)
+        return torch.tensor(total, dtype=torch.float32), logs
+
+    def gather_rewards(self, local_rewards: torch.Tensor, sample_ids: list[int]) -> torch.Tensor:
+        """Every process gets the rewards of the whole step, ordered by global sample index."""
+        ids = torch.tensor(sample_ids, device=self.acc.device)
+        values = local_rewards.to(self.acc.device)
+        if self.acc.num_processes > 1:
+            ids, values = self.acc.gather(ids), self.acc.gather(values)
+        full = torch.full((self.layout.samples_per_step,), float("nan"), device=self.acc.device)
+        full[ids] = values
+        return full.cpu()
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        rc = self.config.reward
+        group_ids = torch.arange(len(rewards)) // self.layout.group_size
+        clip = rc.advantage_clip if rc.advantage_clip > 0 else None
+        return group_advantages(rewards, group_ids, std_mode=rc.std_mode, clip=clip)
+
+    def update(self, step: int, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """M training timesteps x micro-steps of the registered algorithm's loss, then one optimizer step."""
+        c = self.config
+        micro_lists = self.layout.local_samples()
+        totals: dict[str, float] = {}
+        count = 0
+        dropout = keyed_uniform(self._sample_keys("text-dropout", step, rollout.sample_ids)) < c.data.text_dropout
+        texts = ["" if drop else p.text for drop, p in zip(dropout.tolist(), rollout.prompts)]
+        embeddings = self._embed(texts)
+        for k in range(c.loss.timesteps):
+            for m, ids in enumerate(micro_lists):
+                local = slice(m * self.layout.micro_batch, (m + 1) * self.layout.micro_batch)
+                ctx = UpdateContext(
+                    trainer=self,
+                    step=step,
+                    timestep_index=k,
+                    sample_ids=torch.tensor(ids),
+                    group_ids=torch.tensor(ids) // self.layout.group_size,
+                    x0=rollout.latents[local],
+                    embeddings=index_embeddings(embeddings, local),
+                    advantages=advantages[ids].to(self.acc.device),
+                )
+                with self.acc.autocast():
+                    loss, metrics = self.algorithm(ctx)
+                (loss / c.loss.timesteps).backward()
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+                count += 1
+        grads = [p.grad for _, p in self.trainable if p.grad is not None]
+        if self.acc.num_processes > 1 and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = self.acc.reduce(flat, reduction="sum")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        params = [p for _, p in self.trainable]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {key: value / count for key, value in totals.items()}
+        out["grad_norm"] = float(grad_norm)
+        return out
+
+    # ----- timestep and noise draws shared by algorithms ------------------------------------
+    def training_sigmas(self, step: int, k: int, group_ids: torch.Tensor) -> torch.Tensor:
+        """One training sigma per group (timestep clipping to [t_min, t_max] or the first grid points)."""
+        l = self.config.loss
+        u = keyed_uniform([("timestep", self.config.run.seed, step, int(g), k) for g in group_ids], device=self.acc.device)
+        if l.timestep_mode == "continuous":
+            return l.t_min + u * (l.t_max - l.t_min)
+        r = self.config.rollout
+        grid = flow_sigmas(r.num_steps, r.shift, device=self.acc.device)[: l.grid_points]
+        return grid[(u * l.grid_points).long().clamp(max=l.grid_points - 1)]
+
+    def group_noise(self, step: int, k: int, group_ids: torch.Tensor) -> torch.Tensor:
+        """Re-noising noise shared by all samples of a group (variance reduction)."""
+        keys = [("renoise", self.config.run.seed, step, int(g), k) for g in group_ids]
+        return keyed_randn(self.model.latent_shape, keys, device=self.acc.device)
+
+    def group_sum(self, values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """Per-sample group totals over every process holding the group (one all-reduce per call)."""
+        first = int(group_ids.min()) // self.layout.groups_per_micro * self.layout.groups_per_micro
+        slots = torch.zeros(self.layout.groups_per_micro, dtype=values.dtype, device=values.device)
+        slots.index_add_(0, (group_ids - first).to(values.device), values)
+        if self.acc.num_processes > 1:
+            slots = self.acc.reduce(slots, reduction="sum")
+        return slots[(group_ids - first).to(values.device)]
+
+    def reference_velocity(self, x: torch.Tensor, sigma: torch.Tensor, embeddings: PromptEmbeddings) -> torch.Tensor:
+        scale = self.config.loss.reference_guidance_scale
+        with torch.no_grad(), self.reference_model():
+            if scale == 1:
+                return self.model.velocity(x, sigma, embeddings)
+            uncond = self._embed([""] * x.shape[0])
+            return cfg_velocity(self.model.velocity, embeddings, uncond, scale)(x, sigma)
+
+    # ----- the step --------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        step = self.counters.step
+        start = time.perf_counter()
+        step_prompts = self.prompts.for_step(self.config.run.seed, step, self.layout.groups_per_step)
+        sample_ids = [i for ids in self.layout.local_samples() for i in ids]
+        rollout = self.rollout(step, step_prompts, sample_ids)
+        t_rollout = time.perf_counter()
+        local_rewards, reward_logs = self.score(rollout)
+        rewards = self.gather_rewards(local_rewards, sample_ids)
+        valid = torch.isfinite(rewards)
+        if not valid.any():
+            raise RewardFailure(f"step {step}: every reward is NaN (no reward applies to these prompts?)")
+        if valid.sum() > 1 and float(rewards[valid].std()) == 0.0:
+            self.log(f"warning: step {step}: all {int(valid.sum())} rewards equal {float(rewards[valid][0]):.4g} (broken reward?)")
+        advantages = self.advantages(rewards)
+        t_reward = time.perf_counter()
+        metrics = self.update(step, rollout, advantages)
+        self.rollout_ema.update()
+        if self.eval_ema is not None:
+            self.eval_ema.update()
+        elapsed = time.perf_counter() - start
+        self.counters.step += 1
+        self.counters.elapsed_seconds += elapsed
+        metrics.update(reward_logs)
+        metrics.update(
+            {
+                "step": self.counters.step,
+                "reward_mean": float(rewards[valid].mean()),
+                "reward_std": float(rewards[valid].std()) if valid.sum() > 1 else 0.0,
+                "invalid_rewards": int((~valid).sum()),
+                "time/rollout": t_rollout - start,
+                "time/reward": t_reward - t_rollout,
+                "time/update": elapsed - (t_reward - start),
+                "forward_equivalents": self.counters.forward_equivalents,
+                "elapsed_seconds": self.counters.elapsed_seconds,
+            }
+        )
+        self.counters.history.append(metrics)
+        return metrics
+
+    # ----- checkpoints, resume, signals ------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output / "checkpoints"
+
+    def save(self) -> Path | None:
+        path = None
+        if self.acc.is_main_process:
+            tensors = {"trainable": {n: p for n, p in self.trainable}, "rollout_ema": self.rollout_ema.state_dict()}
+            if self.eval_ema is not None:
+                tensors["eval_ema"] = self.eval_ema.state_dict()
+            state = {
+                "step": self.counters.step,
+                "forward_equivalents": self.counters.forward_equivalents,
+                "elapsed_seconds": self.counters.elapsed_seconds,
+                "history": self.counters.history,
+                "config": self.config.to_dict(),
+            }
+            path = save_checkpoint(self.checkpoint_dir, self.counters.step, tensors, self.optimizer.state_dict(), state, self.config.run.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume(self) -> bool:
+        path = latest_good_checkpoint(self.checkpoint_dir, warn=self.log)
+        if path is None:
+            self.log(f"no checkpoint in {self.checkpoint_dir}; starting from step 0")
+            return False
+        tensors, optimizer_state, state = load_checkpoint(path)
+        with torch.no_grad():
+            for name, p in self.trainable:
+                p.copy_(tensors["trainable"][name].to(p.device, p.dtype))
+        self.rollout_ema.load_state_dict(tensors["rollout_ema"])
+        if self.eval_ema is not None:
+            self.eval_ema.load_state_dict(tensors["eval_ema"])
+        self.optimizer.load_state_dict(optimizer_state)
+        self.counters = StepCounters(state["step"], state["forward_equivalents"], state["elapsed_seconds"], state["history"])
+        self.log(f"resumed from {path} at step {self.counters.step}")
+        return True
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise SystemExit(128 + signum)
+            self._stop_requested = True
+            self.log(f"signal {signum}: saving a checkpoint at the end of this step (send again to exit at once)")
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        return previous
+
+    def export_adapter(self, path: Path) -> None:
+        """LoRA in diffusers' format (``pipe.load_lora_weights`` / ``transformer.load_lora_adapter``)."""
+        if self.config.model.lora_rank > 0:
+            self.model.transformer.save_lora_adapter(str(path))
+        else:
+            self.model.transformer.save_pretrained(str(path))
+
+    # ----- logging -----------------------------------------------------------------------------
+    def _log_metrics(self, metrics: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.output / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        if self.config.run.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.output / "tensorboard"))
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value) and key != "step":
+                    self._writer.add_scalar(key, value, metrics["step"])
+
+    def _rewrite_metrics_log(self) -> None:
+        """After a resume the JSONL log holds exactly the restored history (later lines were never checkpointed)."""
+        if self.acc.is_main_process:
+            with open(self.output / "metrics.jsonl", "w") as handle:
+                for metrics in self.counters.history:
+                    handle.write(json.dumps(metrics) + "\n")
+
+    def train(self, resume: bool = False, on_step=None) -> int:
+        """Run to ``run.max_steps``; returns 0, or PREEMPTED_EXIT_CODE after a signal-triggered checkpoint."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        if self.acc.is_main_process:
+            save_config(self.config, self.output / "config.yaml")
+        if resume:
+            self.resume()
+        self._rewrite_metrics_log()
+        previous = self._install_signal_handlers()
+        r = self.config.run
+        try:
+            bar = tqdm(total=r.max_steps, initial=self.counters.step, desc="dgpo", disable=not self.acc.is_main_process)
+            while self.counters.step < r.max_steps:
+                metrics = self.train_step()
+                self._log_metrics(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics.get('implicit_accuracy', float('nan')):.2f}")
+                if on_step is not None:
+                    on_step(self, metrics)
+                done = self.counters.step >= r.max_steps
+                if self._stop_requested or done or (r.save_every and self.counters.step % r.save_every == 0):
+                    self.save()
+                if self._stop_requested and not done:
+                    self.log(f"stopped at step {self.counters.step}; resume with --resume")
+                    return PREEMPTED_EXIT_CODE
+            bar.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self._writer is not None:
+                self._writer.flush()
+        return 0

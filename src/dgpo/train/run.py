@@ -1,0 +1,163 @@
+"""A whole run: evaluate the base model, train, evaluate again, write the report."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..evaluation import SamplerSettings, ShapesEvalResult, result_dict, save_grid, shapes_eval  # noqa: E402
+from ..shapes.prompts import CATEGORIES  # noqa: E402
+from .config import Config  # noqa: E402
+from .loop import Trainer  # noqa: E402
+
+GRID_PROMPTS_PER_CATEGORY = 2
+GRID_IMAGES_PER_PROMPT = 4
+
+
+def eval_settings(config: Config) -> SamplerSettings:
+    e = config.eval
+    return SamplerSettings(e.sampler, e.num_steps, e.shift, e.guidance_scale)
+
+
+def evaluate(trainer: Trainer, images_per_category: int, grid_path: Path | None = None) -> ShapesEvalResult:
+    """ShapesEval with the evaluation EMA of the policy (or the policy itself)."""
+    swap = trainer.eval_ema.swapped_in() if trainer.eval_ema is not None else contextlib.nullcontext()
+    with swap:
+        result, specs, images = shapes_eval(trainer.model, eval_settings(trainer.config), images_per_category, return_images=True)
+    if grid_path is not None:
+        save_grid(*grid_selection(specs, images), grid_path)
+    return result
+
+
+def grid_selection(specs, images):
+    """A few images for the first prompts of each category, in category order."""
+    chosen, labels, seen = [], [], {}
+    for spec, image in zip(specs, images):
+        prompts = seen.setdefault(spec.category, {})
+        if spec.prompt not in prompts and len(prompts) >= GRID_PROMPTS_PER_CATEGORY:
+            continue
+        prompts[spec.prompt] = prompts.get(spec.prompt, 0) + 1
+        if prompts[spec.prompt] <= GRID_IMAGES_PER_PROMPT:
+            chosen.append(image)
+            labels.append(spec.prompt.replace("a photo of ", ""))
+    import torch
+
+    return torch.stack(chosen), labels
+
+
+def plot_curves(history: list[dict], evals: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    steps = [h["step"] for h in history]
+    axes[0].plot(steps, [h["reward_mean"] for h in history])
+    axes[0].set(title="training reward (mean over rollouts)", xlabel="step")
+    axes[1].plot(steps, [h.get("preference_loss", float("nan")) for h in history], label="preference loss")
+    axes[1].plot(steps, [h.get("implicit_accuracy", float("nan")) for h in history], label="implicit accuracy")
+    axes[1].set(title="DGPO loss", xlabel="step")
+    axes[1].legend()
+    if evals:
+        axes[2].plot([e["step"] for e in evals], [e["overall"] for e in evals], marker="o", label="overall")
+        for c in CATEGORIES:
+            axes[2].plot([e["step"] for e in evals], [e["categories"][c] for e in evals], alpha=0.5, label=c)
+        axes[2].set(title="ShapesEval test score", xlabel="step", ylim=(0, 1))
+        axes[2].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def comparison_table(before: dict, after: dict) -> str:
+    rows = ["| category | before | after |", "|---|---|---|"]
+    for c in CATEGORIES:
+        rows.append(f"| {c} | {before['categories'][c]:.3f} | {after['categories'][c]:.3f} |")
+    rows.append(f"| **overall** | **{before['overall']:.3f}** | **{after['overall']:.3f}** |")
+    rows.append(f"| artifact (lower is better) | {before['artifact']:.4f} | {after['artifact']:.4f} |")
+    rows.append(f"| diversity within prompt | {before['diversity']:.4f} | {after['diversity']:.4f} |")
+    return "\n".join(rows)
+
+
+def run_training(config: Config, resume: bool = False, log=print) -> dict:
+    """Evaluate (cached across resumes), train, evaluate, write ``report.md``, ``results.json``, curves and grids."""
+    trainer = Trainer(config, log=log)
+    out = trainer.output
+    out.mkdir(parents=True, exist_ok=True)
+    is_shapes = config.model.backend == "shapes"
+    evals_path = out / "evals.json"
+    evals: list[dict] = json.loads(evals_path.read_text()) if resume and evals_path.exists() else []
+    main = trainer.acc.is_main_process
+
+    def run_eval(images_per_category: int, tag: str) -> dict | None:
+        if not (is_shapes and main):
+            return None
+        start = time.perf_counter()
+        result = result_dict(evaluate(trainer, images_per_category, out / f"grid_{tag}.png"))
+        result.update(step=trainer.counters.step, images_per_category=images_per_category, seconds=time.perf_counter() - start)
+        evals.append(result)
+        evals_path.write_text(json.dumps(evals, indent=1))
+        log(f"ShapesEval at step {trainer.counters.step}: overall {result['overall']:.3f}")
+        return result
+
+    if not any(e["step"] == 0 for e in evals):
+        run_eval(config.eval.final_images_per_category, "before")
+    every = config.eval.every
+
+    def periodic(tr: Trainer, metrics: dict) -> None:
+        if every and tr.counters.step % every == 0 and tr.counters.step < config.run.max_steps:
+            run_eval(config.eval.images_per_category, f"step{tr.counters.step:05d}")
+
+    status = trainer.train(resume=resume, on_step=periodic)
+    summary = {"status": status, "steps": trainer.counters.step, "output_dir": str(out)}
+    if status != 0:
+        return summary
+    after = run_eval(config.eval.final_images_per_category, "after")
+    if main:
+        trainer.export_adapter(out / "adapter")
+        before = next((e for e in evals if e["step"] == 0), None)
+        plot_curves(trainer.counters.history, evals, out / "curves.png")
+        summary.update(
+            before=before,
+            after=after,
+            wall_clock_seconds=trainer.counters.elapsed_seconds,
+            optimizer_steps=trainer.counters.step,
+            forward_equivalents=trainer.counters.forward_equivalents,
+            config=config.to_dict(),
+        )
+        (out / "results.json").write_text(json.dumps(summary, indent=1))
+        write_report(out, config, summary)
+    trainer.acc.wait_for_everyone()
+    return summary
+
+
+def write_report(out: Path, config: Config, summary: dict) -> None:
+    lines = [
+        f"# dgpo run report: {out}",
+        "",
+        f"{summary['optimizer_steps']} optimizer steps, {summary['wall_clock_seconds']:.0f} s of training "
+        f"({summary['forward_equivalents']:.0f} model forward-equivalents).",
+        "",
+    ]
+    if summary.get("before") and summary.get("after"):
+        lines += ["## ShapesEval (test prompts)", "", comparison_table(summary["before"], summary["after"]), ""]
+    lines += [
+        "## Curves",
+        "",
+        "![curves](curves.png)",
+        "",
+        "## Samples before / after",
+        "",
+        "![before](grid_before.png)",
+        "",
+        "![after](grid_after.png)",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        (out / "config.yaml").read_text().rstrip(),
+        "```",
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
