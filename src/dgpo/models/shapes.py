@@ -1,6 +1,6 @@
 """The ShapesEval base model: SD3's architecture in miniature, from real diffusers parts.
 
-An ``AutoencoderKL`` maps 32x32 RGB to 4x8x8 latents (scaled and shifted as SD3 does),
+An ``AutoencoderKL`` maps 32x32 RGB to 8x8x8 latents (scaled and shifted as SD3 does),
 an ``SD3Transformer2DModel`` (MMDiT) predicts the flow velocity on those latents, and a
 small ``transformers.CLIPTextModel`` over a closed word vocabulary gives the token
 sequence and pooled embedding the MMDiT expects. Saved in diffusers' folder layout
@@ -28,17 +28,19 @@ VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D",) * 3,
     block_out_channels=(16, 32, 64),
     layers_per_block=1,
-    latent_channels=4,
+    latent_channels=8,
     norm_num_groups=8,
     sample_size=32,
     mid_block_add_attention=False,
+    scaling_factor=1.0,
+    shift_factor=0.0,
 )
 TEXT_HIDDEN = 64
 TRANSFORMER_CONFIG = dict(
     sample_size=8,
     patch_size=1,
-    in_channels=4,
-    out_channels=4,
+    in_channels=8,
+    out_channels=8,
     num_layers=6,
     attention_head_dim=32,
     num_attention_heads=4,
@@ -117,12 +119,14 @@ class ShapesModel:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_config(cls, words: list[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> "ShapesModel":
-        """Randomly initialised components (for pretraining and tests)."""
+    def from_config(
+        cls, words: list[str], max_tokens: int = DEFAULT_MAX_TOKENS, vae: dict | None = None, transformer: dict | None = None
+    ) -> "ShapesModel":
+        """Randomly initialised components (for pretraining; tests shrink them with the override dicts)."""
         tokenizer = WordTokenizer(words, max_tokens)
         return cls(
-            AutoencoderKL(**VAE_CONFIG),
-            SD3Transformer2DModel(**TRANSFORMER_CONFIG),
+            AutoencoderKL(**{**VAE_CONFIG, **(vae or {})}),
+            SD3Transformer2DModel(**{**TRANSFORMER_CONFIG, **(transformer or {})}),
             CLIPTextModel(text_encoder_config(tokenizer)),
             tokenizer,
         )

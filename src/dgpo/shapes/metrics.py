@@ -23,7 +23,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from .verifier import to_uint8_hwc
+from .verifier import to_pixels_hwc
 from .world import BACKGROUND, PALETTE
 
 _BG = np.asarray(BACKGROUND, dtype=np.float64)
@@ -36,7 +36,7 @@ _MAX_DISTANCE = 255.0 * np.sqrt(3.0)
 def _as_batch_hwc(images) -> np.ndarray:
     """Return images as a float64 array ``(N, H, W, 3)`` with values in 0..255."""
     if isinstance(images, (list, tuple)):
-        return np.stack([to_uint8_hwc(im) for im in images]).astype(np.float64)
+        return np.stack([to_pixels_hwc(im) for im in images]).astype(np.float64)
     if hasattr(images, "detach"):
         images = images.detach().float().cpu().numpy()
     arr = np.asarray(images)

@@ -1,6 +1,6 @@
 """Deterministic pretraining of the ShapesEval base model (SD3 recipe in miniature).
 
-Stage 1 trains the autoencoder (L1 + small KL) on ground-truth renders, then sets
+Stage 1 trains the autoencoder (foreground-weighted L1 + small KL) on ground-truth renders, then sets
 SD3-style ``shift_factor``/``scaling_factor`` from the latent statistics. Stage 2
 trains the MMDiT and the text encoder jointly with rectified flow
 (x_t = (1 - t) x + t eps, target v = eps - x, logit-normal t, caption dropout for CFG)
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..models.shapes import ShapesModel
 from .prompts import CATEGORIES, PromptSpec, all_specs, scene_for_spec, vocabulary
 from .verifier import verify
-from .world import render_scene
+from .world import BACKGROUND, render_scene
 
 
 @dataclass
@@ -28,10 +28,11 @@ class PretrainConfig:
     output: str = "src/dgpo/assets/shapes-base"
     seed: int = 0
     pool_size: int = 40000
-    vae_steps: int = 1500
+    vae_steps: int = 2500
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-5
+    vae_foreground_weight: float = 5.0
     dit_steps: int = 3000
     dit_batch: int = 32
     dit_lr: float = 5e-4
@@ -62,6 +63,12 @@ def build_pool(size: int, seed: int) -> tuple[list[PromptSpec], torch.Tensor]:
     return chosen, pixels
 
 
+def _foreground(batch: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) mask of pixels away from the background: objects are a small share of pixels but all that is scored."""
+    background = torch.tensor(BACKGROUND, dtype=batch.dtype).view(1, 3, 1, 1) / 255.0 * 2 - 1
+    return ((batch - background).abs().amax(dim=1, keepdim=True) > 0.1).to(batch.dtype)
+
+
 def train_autoencoder(model: ShapesModel, pixels: torch.Tensor, cfg: PretrainConfig, log=print) -> None:
     vae = model.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
@@ -71,10 +78,11 @@ def train_autoencoder(model: ShapesModel, pixels: torch.Tensor, cfg: PretrainCon
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps)
         batch = pixels[torch.randint(len(pixels), (cfg.vae_batch,), generator=gen)] * 2 - 1
+        weights = 1.0 + (cfg.vae_foreground_weight - 1.0) * _foreground(batch)
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(latents).sample
-        loss = F.l1_loss(recon, batch) + cfg.vae_kl_weight * posterior.kl().mean()
+        loss = (weights * (recon - batch).abs()).mean() + cfg.vae_kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

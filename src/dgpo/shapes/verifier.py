@@ -63,20 +63,20 @@ class Verdict:
     clauses: tuple[tuple[str, float], ...]
 
 
-def to_uint8_hwc(image) -> np.ndarray:
-    """Accept HWC uint8, HWC float in [0,1], or a CHW torch tensor in [0,1]; return HWC float32 in 0..255."""
+def to_pixels_hwc(image) -> np.ndarray:
+    """HWC float32 pixels in 0..255 from HWC/CHW uint8 (0..255) or float (0..1), numpy or torch."""
     if hasattr(image, "detach"):
         image = image.detach().float().cpu().numpy()
-        if image.ndim == 3 and image.shape[0] == 3:
-            image = image.transpose(1, 2, 0)
     arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)
     if arr.dtype != np.uint8:
         arr = np.clip(arr, 0.0, 1.0) * 255.0
     return arr.astype(np.float32)
 
 
 def detect_objects(image) -> list[DetectedObject]:
-    pixels = to_uint8_hwc(image)
+    pixels = to_pixels_hwc(image)
     offset = pixels - _BG
     distance = np.linalg.norm(offset, axis=-1)
     foreground = distance > FOREGROUND_DISTANCE

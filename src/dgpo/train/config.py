@@ -144,6 +144,16 @@ class Config:
             (m.mixed_precision in ("no", "fp16", "bf16"), f"model.mixed_precision must be no, fp16 or bf16, got {m.mixed_precision!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.run.max_steps >= 0, f"run.max_steps must be >= 0, got {self.run.max_steps}"),
+            (self.run.save_every >= 0, f"run.save_every must be >= 0, got {self.run.save_every}"),
+            (self.run.log_every >= 1, f"run.log_every must be >= 1, got {self.run.log_every}"),
+            (self.eval.every >= 0, f"eval.every must be >= 0, got {self.eval.every}"),
+            (self.eval.num_steps >= 1, f"eval.num_steps must be >= 1, got {self.eval.num_steps}"),
+            (self.eval.images_per_category >= 1, f"eval.images_per_category must be >= 1, got {self.eval.images_per_category}"),
+            (self.eval.final_images_per_category >= 1, f"eval.final_images_per_category must be >= 1, got {self.eval.final_images_per_category}"),
+            (all(0 <= b < 1 for b in self.optim.betas), f"optim.betas must each be in [0, 1), got {self.optim.betas}"),
+            (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
+            (self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.optim.grad_clip}"),
+            (self.reward.advantage_clip >= 0, f"reward.advantage_clip must be >= 0 (0 = off), got {self.reward.advantage_clip}"),
             (self.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.run.keep_checkpoints}"),
         ]
         for ok, message in checks:
@@ -179,7 +189,10 @@ def _coerce(value, annotation, key: str):
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
     if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare no/yes/off/on as a boolean; for a text field the user meant the word.
+            return "yes" if value else "no"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
     if origin is list:
@@ -215,6 +228,8 @@ def _apply(config: Config, section: str, name: str, value) -> None:
     hints = typing.get_type_hints(type(target))
     if name not in hints:
         raise _unknown_key(name, list(hints), f"{section}.")
+    if hints[name] is str and isinstance(value, RawText):
+        value = str(value)
     setattr(target, name, _coerce(value, hints[name], f"{section}.{name}"))
 
 
@@ -230,13 +245,25 @@ def config_from_dict(data: dict, config: Config | None = None) -> Config:
     return config
 
 
+class RawText(str):
+    """An override's text as typed; text fields take it verbatim (so `output_dir=true` is the word)."""
+
+
+def _parse_override_value(raw: str):
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return RawText(raw)
+    return RawText(raw) if isinstance(value, (str, bool)) else value
+
+
 def parse_override(text: str) -> tuple[str, str, object]:
-    """'section.field=value' with a YAML-parsed value."""
+    """'section.field=value'; the value is parsed as YAML, except that text fields take it verbatim."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"override {text!r} must look like section.field=value (e.g. loss.beta=100)")
     key, raw = text.split("=", 1)
     section, name = key.strip().split(".", 1)
-    return section, name, yaml.safe_load(raw) if raw.strip() else ""
+    return section, name, _parse_override_value(raw.strip())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

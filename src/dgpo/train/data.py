@@ -47,9 +47,14 @@ class PromptSource:
             if path.suffix == ".jsonl":
                 try:
                     row = json.loads(line)
-                    prompts.append(Prompt(str(row["prompt"]), dict(row.get("metadata") or {})))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{spec}:{number}: expected a JSON object with a 'prompt' field") from None
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                    raise ValueError(f"{spec}:{number}: expected a JSON object with a text 'prompt' field")
+                metadata = row.get("metadata") or {}
+                if not isinstance(metadata, dict):
+                    raise ValueError(f"{spec}:{number}: 'metadata' must be a JSON object")
+                prompts.append(Prompt(row["prompt"], metadata))
             else:
                 prompts.append(Prompt(line.strip(), {}))
         return cls(prompts, spec)

@@ -27,7 +27,7 @@ from ..models import load_model
 from ..models.base import PromptEmbeddings, cat_embeddings, index_embeddings
 from ..rewards import as_scores, combine_rewards, get_reward
 from ..sampling import cfg_velocity, flow_sigmas, get_sampler
-from ..seeding import keyed_randn, keyed_uniform
+from ..seeding import keyed_randn, keyed_uniform, stable_seed
 from .algorithms import UpdateContext, get_algorithm
 from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
@@ -92,7 +92,9 @@ class Trainer:
         self.model = load_model(config.model.backend, config.model.path).to(self.acc.device)
         self._embedding_cache: dict[str, PromptEmbeddings] = {}
         self._embed([p.text for p in self.prompts.prompts] + [""])
-        self.trainable = attach_trainable(self.model, config.model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stable_seed("adapter-init", config.run.seed))
+            self.trainable = attach_trainable(self.model, config.model)
         self.reference_transformer = None if config.model.lora_rank > 0 else copy.deepcopy(self.model.transformer).requires_grad_(False)
         o = config.optim
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
