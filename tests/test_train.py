@@ -58,6 +58,27 @@ def test_dgpo_steps_move_lora_weights_and_log_finite_loss(tiny_model_dir, tmp_pa
     assert (tmp_path / "checkpoints" / "step-00000002").is_dir()
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"loss.ppo_clip_eps": 0.001},
+        {"loss.reference_guidance_scale": 4.5, "rollout.guidance_scale": 1.0},
+        {"loss.timestep_mode": "grid"},
+        {"model.lora_rank": 0},
+    ],
+    ids=["ppo-clip", "cfg-mode-2", "grid-timesteps", "full-finetune"],
+)
+def test_recipe_variants_train(tiny_model_dir, tmp_path, variant):
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **variant)))
+    before = trainable_state(trainer)
+    trainer.train()
+    after = trainable_state(trainer)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    if "loss.ppo_clip_eps" in variant:
+        assert "clipped_fraction" in trainer.counters.history[-1]
+
+
 def test_exported_adapter_loads_into_a_fresh_model_and_changes_its_output(tiny_model_dir, tmp_path):
     from dgpo.models.shapes import ShapesModel
 

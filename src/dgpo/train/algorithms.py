@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..losses import dgpo_loss, per_sample_mse, velocity_kl
+from ..losses import apply_clip, dgpo_loss, per_sample_mse, ppo_clip_mask, velocity_kl
 from ..models.base import PromptEmbeddings
 
 if TYPE_CHECKING:
@@ -65,17 +65,27 @@ def dgpo_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
     tr, loss_cfg = ctx.trainer, ctx.trainer.config.loss
     xt, sigma, target = renoise(ctx)
     v_ref = tr.reference_velocity(xt, sigma, ctx.embeddings)
+    if loss_cfg.ppo_clip_eps > 0:
+        # Before the policy forward: swapping EMA weights in place would invalidate its autograd graph.
+        with torch.no_grad(), tr.rollout_ema.swapped_in():
+            err_old = per_sample_mse(tr.model.velocity(xt, sigma, ctx.embeddings).float(), target)
     v_theta = tr.model.velocity(xt, sigma, ctx.embeddings)
     err_theta = per_sample_mse(v_theta.float(), target)
     err_ref = per_sample_mse(v_ref.float(), target)
+    extra = {}
+    if loss_cfg.ppo_clip_eps > 0:
+        clipped = ppo_clip_mask(ctx.advantages, err_theta, err_old, loss_cfg.ppo_clip_eps)
+        err_theta = apply_clip(err_theta, clipped)
+        extra["clipped_fraction"] = clipped.float().mean()
     loss, metrics = dgpo_loss(
         ctx.advantages, err_theta, err_ref, ctx.group_ids.to(err_theta.device), loss_cfg.beta,
         group_sum=tr.group_sum, num_groups=tr.layout.groups_per_step,
     )
+    metrics.update(extra)
     if loss_cfg.kl_beta > 0:
         kl = velocity_kl(v_theta.float(), v_ref.float())
         loss = loss + loss_cfg.kl_beta * kl.sum() / tr.layout.samples_per_step
         metrics["kl"] = kl.mean().detach()
-    ref_forwards = 2 if loss_cfg.reference_guidance_scale != 1 else 1
+    ref_forwards = (2 if loss_cfg.reference_guidance_scale != 1 else 1) + (1 if loss_cfg.ppo_clip_eps > 0 else 0)
     tr.counters.forward_equivalents += len(ctx.sample_ids) * tr.acc.num_processes * (3 + ref_forwards)
     return loss, {k: float(v) for k, v in metrics.items()}

@@ -73,6 +73,7 @@ class LossConfig:
     grid_points: int = _help("grid mode: draw from the first k sigmas of the rollout schedule", default=5)
     kl_beta: float = _help("weight of mean((v_theta - v_ref)^2) (reference code 0.02; paper 0)", default=0.0)
     reference_guidance_scale: float = _help("CFG of the reference model in training (paper mode 2: 4.5; mode 1: 1)", default=1.0)
+    ppo_clip_eps: float = _help("PPO-style clip against the rollout EMA model (paper: 1e-3..1e-2; 0 = off)", default=0.0)
 
 
 @dataclass
@@ -102,7 +103,6 @@ class RunConfig:
     output_dir: str = _help("where logs, checkpoints, grids and the report go", default="runs/dgpo-shapes")
     save_every: int = _help("checkpoint every N steps (0 = only at the end)", default=25)
     keep_checkpoints: int = _help("checkpoints kept (oldest removed first; the newest good one is never removed)", default=2)
-    log_every: int = _help("print a log line every N steps", default=1)
     tensorboard: bool = _help("write TensorBoard logs", default=True)
     wandb_project: str = _help("log to this wandb project too (empty = off)", default="")
     threads: int = _help("CPU threads per process (0 = torch default)", default=0)
@@ -137,6 +137,8 @@ class Config:
             (0 <= l.t_min < l.t_max <= 1, f"need 0 <= loss.t_min < loss.t_max <= 1, got t_min={l.t_min}, t_max={l.t_max}"),
             (1 <= l.grid_points <= r.num_steps, f"loss.grid_points must be in [1, rollout.num_steps={r.num_steps}], got {l.grid_points}"),
             (l.kl_beta >= 0, f"loss.kl_beta must be >= 0, got {l.kl_beta}"),
+            (l.ppo_clip_eps >= 0, f"loss.ppo_clip_eps must be >= 0 (0 = off), got {l.ppo_clip_eps}"),
+            (l.reference_guidance_scale >= 1, f"loss.reference_guidance_scale must be >= 1, got {l.reference_guidance_scale}"),
             (self.reward.std_mode in ("group", "global", "none"), f"reward.std_mode must be group, global or none, got {self.reward.std_mode!r}"),
             (bool(self.reward.weights), "reward.weights is empty: name at least one reward"),
             (sum(self.reward.weights.values()) != 0, f"reward.weights sum to zero: {self.reward.weights}"),
@@ -145,7 +147,6 @@ class Config:
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.run.max_steps >= 0, f"run.max_steps must be >= 0, got {self.run.max_steps}"),
             (self.run.save_every >= 0, f"run.save_every must be >= 0, got {self.run.save_every}"),
-            (self.run.log_every >= 1, f"run.log_every must be >= 1, got {self.run.log_every}"),
             (self.eval.every >= 0, f"eval.every must be >= 0, got {self.eval.every}"),
             (self.eval.num_steps >= 1, f"eval.num_steps must be >= 1, got {self.eval.num_steps}"),
             (self.eval.images_per_category >= 1, f"eval.images_per_category must be >= 1, got {self.eval.images_per_category}"),

@@ -103,6 +103,7 @@ class Trainer:
         self.counters = StepCounters()
         self._stop_requested = False
         self._writer = None
+        self._wandb = None
 
     # ----- helpers -------------------------------------------------------------------------
     def _embed(self, texts: list[str]) -> PromptEmbeddings:
@@ -365,6 +366,14 @@ class Trainer:
             return
         with open(self.output / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
+        if self.config.run.wandb_project:
+            if self._wandb is None:
+                try:
+                    import wandb
+                except ImportError:
+                    raise RuntimeError("run.wandb_project is set but wandb is not installed (pip install wandb)") from None
+                self._wandb = wandb.init(project=self.config.run.wandb_project, config=self.config.to_dict(), dir=str(self.output))
+            self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         if self.config.run.tensorboard:
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter
