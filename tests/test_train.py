@@ -164,3 +164,28 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     assert [h["reward_mean"] for h in one["history"]] == pytest.approx([h["reward_mean"] for h in two["history"]], abs=1e-6)
     for name, value in one["params"].items():
         torch.testing.assert_close(two["params"][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_crashing_reward_stops_with_its_name_and_keeps_a_checkpoint(tiny_model_dir, tmp_path):
+    from dgpo.rewards import _REGISTRY, register_reward
+    from dgpo.train.loop import RewardFailure
+
+    calls = {"n": 0}
+
+    def crash_on_second_call():
+        def reward(images, prompts, metadata):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("model file vanished")
+            return [float(i) for i in range(len(images))]
+
+        return reward
+
+    register_reward("test_crashing")(crash_on_second_call)
+    try:
+        trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"reward.weights": {"test_crashing": 1.0}, "run.save_every": 0, "run.max_steps": 3})))
+        with pytest.raises(RewardFailure, match="test_crashing.*model file vanished"):
+            trainer.train()
+    finally:
+        del _REGISTRY["test_crashing"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]

@@ -403,7 +403,12 @@ class Trainer:
         try:
             bar = tqdm(total=r.max_steps, initial=self.counters.step, desc="dgpo", disable=not self.acc.is_main_process)
             while self.counters.step < r.max_steps:
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except RewardFailure:
+                    # Keep the work done so far: checkpoint the last completed step, then stop with the reward's name.
+                    self.save()
+                    raise
                 self._log_metrics(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics.get('implicit_accuracy', float('nan')):.2f}")
