@@ -1,28 +1,17 @@
 """Model backends behind the adapter contract of ``dgpo.models.base``, registered by name."""
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
+from ..registry import Registry
 from .base import FlowModelAdapter
 
-_BACKENDS: dict[str, Callable[[str], FlowModelAdapter]] = {}
-
-
-def register_backend(name: str):
-    def decorator(loader: Callable[[str], FlowModelAdapter]):
-        _BACKENDS[name] = loader
-        return loader
-
-    return decorator
+BACKENDS: Registry[Callable[[str], FlowModelAdapter]] = Registry("model backend")
+register_backend = BACKENDS.register
 
 
 def load_model(backend: str, path: str) -> FlowModelAdapter:
-    if backend not in _BACKENDS:
-        hint = difflib.get_close_matches(backend, _BACKENDS, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"unknown model backend {backend!r}{suggestion}; available: {', '.join(sorted(_BACKENDS))}")
-    return _BACKENDS[backend](path)
+    return BACKENDS.get(backend)(path)
 
 
 @register_backend("shapes")

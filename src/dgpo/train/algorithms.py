@@ -5,7 +5,6 @@ a micro-batch of final samples and advantages into a loss (plus detached metrics
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -13,6 +12,7 @@ import torch
 
 from ..losses import apply_clip, dgpo_loss, per_sample_mse, ppo_clip_mask, velocity_kl
 from ..models.base import PromptEmbeddings
+from ..registry import Registry
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -31,23 +31,9 @@ class UpdateContext:
 
 
 Algorithm = Callable[[UpdateContext], tuple[torch.Tensor, dict[str, float]]]
-_ALGORITHMS: dict[str, Algorithm] = {}
-
-
-def register_algorithm(name: str):
-    def decorator(fn: Algorithm) -> Algorithm:
-        _ALGORITHMS[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_algorithm(name: str) -> Algorithm:
-    if name not in _ALGORITHMS:
-        hint = difflib.get_close_matches(name, _ALGORITHMS, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"unknown algorithm {name!r}{suggestion}; available: {', '.join(sorted(_ALGORITHMS))}")
-    return _ALGORITHMS[name]
+ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
+register_algorithm = ALGORITHMS.register
+get_algorithm = ALGORITHMS.get
 
 
 def renoise(ctx: UpdateContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
