@@ -8,23 +8,30 @@ applicable to this sample". Weighted combination happens outside the reward
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 class RewardFn(Protocol):
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> np.ndarray | list: ...
 
 
-_REGISTRY: dict[str, Callable[[], RewardFn]] = {}
+_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
 
 
 def register_reward(name: str):
-    """Register a reward factory (a zero-argument callable returning the reward function)."""
+    """Register a reward factory: a callable returning the reward function.
 
-    def decorator(factory: Callable[[], RewardFn]):
+    Factories must work with no arguments (the trainer calls ``get_reward(name)``); rewards that
+    need a model path take it as a keyword argument whose default comes from an environment
+    variable, so recipes stay model-agnostic and ``get_reward(name, model=...)`` works in code.
+    """
+
+    def decorator(factory: Callable[..., RewardFn]):
         if name in _REGISTRY:
             raise ValueError(f"reward {name!r} is already registered")
         _REGISTRY[name] = factory
@@ -37,12 +44,24 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_reward(name: str) -> RewardFn:
+def get_reward(name: str, **options) -> RewardFn:
+    """Build the reward ``name``; ``options`` go to its factory (e.g. ``model=``, ``url=``)."""
     if name not in _REGISTRY:
         hint = difflib.get_close_matches(name, _REGISTRY, n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ValueError(f"unknown reward {name!r}{suggestion}; available: {', '.join(available_rewards())}")
-    return _REGISTRY[name]()
+    factory = _REGISTRY[name]
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as exc:
+        raise ValueError(f"reward {name!r}: {exc}") from None
+    return factory(**options)
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) floats in [0, 1] -> 8-bit RGB images, for rewards and transports that need files."""
+    arrays = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(array) for array in arrays]
 
 
 def as_scores(raw, batch_size: int, name: str) -> np.ndarray:
@@ -61,4 +80,4 @@ def combine_rewards(scores: dict[str, np.ndarray], weights: dict[str, float]) ->
     return np.where(applicable.any(axis=0), total, np.nan)
 
 
-from . import builtin  # noqa: E402,F401  (registers the built-in rewards)
+from . import builtin, ocr  # noqa: E402,F401  (register the built-in rewards)
