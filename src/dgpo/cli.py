@@ -1,4 +1,4 @@
-"""`dgpo` command line: train, eval, sample, pretrain-shapes, rewards.
+"""`dgpo` command line: train, eval, sample, pretrain-shapes, rewards, serve-reward.
 
 Errors a user can fix (config typos, missing files, bad prompts, corrupt checkpoints)
 are printed as one line, ``dgpo: error: ...``, with exit status 2.
@@ -132,6 +132,24 @@ def cmd_rewards(args) -> int:
     return 0
 
 
+def _option(text: str) -> tuple[str, object]:
+    """KEY=VALUE for a reward factory; VALUE is parsed as JSON when it is JSON (numbers, booleans)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_serve_reward(args) -> int:
+    from .rewards.remote import serve
+
+    serve(args.name, args.host, args.port, **dict(args.option or []))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgpo", description="Direct Group Preference Optimization for flow-matching text-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rewards", help="list the registered rewards")
     p.set_defaults(fn=cmd_rewards)
+
+    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (for the `remote` reward)",
+                       description="Expose reward NAME at POST /score and GET /health (JSON schema version 1).")
+    p.add_argument("name", help="registered reward, e.g. ocr or pickscore (see `dgpo rewards`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; the server has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    p.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE", help="reward factory option (repeatable), e.g. --option model=/weights/pickscore")
+    p.set_defaults(fn=cmd_serve_reward)
     return parser
 
 
