@@ -119,7 +119,9 @@ def cmd_sample(args) -> int:
 def cmd_pretrain(args) -> int:
     from .shapes.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(output=args.output, vae_steps=args.vae_steps, dit_steps=args.dit_steps, seed=args.seed)
+    cfg = PretrainConfig(
+        output=args.output, vae_steps=args.vae_steps, dit_steps=args.dit_steps, seed=args.seed, continue_from=args.continue_from
+    )
     pretrain(cfg)
     return 0
 
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=2500)
     p.add_argument("--dit-steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--continue-from", default="", help="train the denoiser of this saved model further (skips the autoencoder)")
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("rewards", help="list the registered rewards")

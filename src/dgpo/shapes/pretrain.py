@@ -26,6 +26,7 @@ from .world import BACKGROUND, render_scene
 @dataclass
 class PretrainConfig:
     output: str = "src/dgpo/assets/shapes-base"
+    continue_from: str = ""
     seed: int = 0
     pool_size: int = 40000
     vae_steps: int = 2500
@@ -100,14 +101,19 @@ def reconstruction_pass_rate(model: ShapesModel, specs: list[PromptSpec], pixels
 
 
 @torch.no_grad()
-def set_latent_scaling(model: ShapesModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode the pool; set SD3-style shift/scale so latents are ~zero-mean, unit-std. Returns (mean, std) latents."""
+def encode_pool(model: ShapesModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled posterior means and stds of the pool's latents."""
     means, stds = [], []
     for chunk in pixels.split(1024):
         dist = model.vae.encode(chunk * 2 - 1).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
-    mean, std = torch.cat(means), torch.cat(stds)
+    return torch.cat(means), torch.cat(stds)
+
+
+def set_latent_scaling(model: ShapesModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set SD3-style shift/scale so latents are ~zero-mean, unit-std. Returns the scaled (mean, std) latents."""
+    mean, std = encode_pool(model, pixels)
     shift = mean.mean().item()
     scale = 1.0 / mean.std().item()
     model.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -156,14 +162,21 @@ def train_denoiser(model: ShapesModel, prompts: list[str], latent_mean: torch.Te
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> ShapesModel:
+    """Both stages from scratch, or (``continue_from``) more denoiser training of a saved model on a fresh pool."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    model = ShapesModel.from_config(vocabulary())
     specs, pixels = build_pool(cfg.pool_size, cfg.seed)
     log(f"pool of {len(specs)} renders built")
-    train_autoencoder(model, pixels, cfg, log)
-    log(f"verifier passes {reconstruction_pass_rate(model, specs[:1000], pixels[:1000]):.3f} of reconstructions")
-    latent_mean, latent_std = set_latent_scaling(model, pixels)
+    if cfg.continue_from:
+        model = ShapesModel.from_pretrained(cfg.continue_from)
+        scale, shift = model.vae.config.scaling_factor, model.vae.config.shift_factor
+        latent_mean, latent_std = encode_pool(model, pixels)
+        latent_mean, latent_std = (latent_mean - shift) * scale, latent_std * scale
+    else:
+        model = ShapesModel.from_config(vocabulary())
+        train_autoencoder(model, pixels, cfg, log)
+        log(f"verifier passes {reconstruction_pass_rate(model, specs[:1000], pixels[:1000]):.3f} of reconstructions")
+        latent_mean, latent_std = set_latent_scaling(model, pixels)
     log(f"latent shift {model.vae.config.shift_factor:.4f} scale {model.vae.config.scaling_factor:.4f}")
     train_denoiser(model, [s.prompt for s in specs], latent_mean, latent_std, cfg, log)
     model.save_pretrained(Path(cfg.output))
