@@ -101,26 +101,21 @@ def reconstruction_pass_rate(model: ShapesModel, specs: list[PromptSpec], pixels
 
 
 @torch.no_grad()
-def encode_pool(model: ShapesModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscaled posterior means and stds of the pool's latents."""
-    means, stds = [], []
-    for chunk in pixels.split(1024):
-        dist = model.vae.encode(chunk * 2 - 1).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
+def encode_pool(model: ShapesModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Unscaled posterior means of the pool's latents."""
+    return torch.cat([model.vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in pixels.split(1024)])
 
 
-def set_latent_scaling(model: ShapesModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Set SD3-style shift/scale so latents are ~zero-mean, unit-std. Returns the scaled (mean, std) latents."""
-    mean, std = encode_pool(model, pixels)
+def set_latent_scaling(model: ShapesModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Set SD3-style shift/scale so latents are ~zero-mean, unit-std. Returns the scaled posterior means."""
+    mean = encode_pool(model, pixels)
     shift = mean.mean().item()
     scale = 1.0 / mean.std().item()
     model.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    return (mean - shift) * scale, std * scale
+    return (mean - shift) * scale
 
 
-def train_denoiser(model: ShapesModel, prompts: list[str], latent_mean: torch.Tensor, latent_std: torch.Tensor, cfg: PretrainConfig, log=print) -> None:
+def train_denoiser(model: ShapesModel, prompts: list[str], latent_mean: torch.Tensor, cfg: PretrainConfig, log=print) -> None:
     transformer = model.transformer.train().requires_grad_(True)
     text_encoder = model.text_encoder.train().requires_grad_(True)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
@@ -134,7 +129,9 @@ def train_denoiser(model: ShapesModel, prompts: list[str], latent_mean: torch.Te
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup_steps)
         idx = torch.randint(len(prompts), (cfg.dit_batch,), generator=gen)
-        x0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)
+        # The posterior mean, not a sample: channels the autoencoder leaves unused have posterior std ~1,
+        # and sampling them would spend the denoiser on modelling pure noise.
+        x0 = latent_mean[idx]
         ids = token_ids[idx].clone()
         dropped = torch.rand(cfg.dit_batch, generator=gen) < cfg.caption_dropout
         ids[dropped] = empty_ids
@@ -170,15 +167,14 @@ def pretrain(cfg: PretrainConfig, log=print) -> ShapesModel:
     if cfg.continue_from:
         model = ShapesModel.from_pretrained(cfg.continue_from)
         scale, shift = model.vae.config.scaling_factor, model.vae.config.shift_factor
-        latent_mean, latent_std = encode_pool(model, pixels)
-        latent_mean, latent_std = (latent_mean - shift) * scale, latent_std * scale
+        latent_mean = (encode_pool(model, pixels) - shift) * scale
     else:
         model = ShapesModel.from_config(vocabulary())
         train_autoencoder(model, pixels, cfg, log)
         log(f"verifier passes {reconstruction_pass_rate(model, specs[:1000], pixels[:1000]):.3f} of reconstructions")
-        latent_mean, latent_std = set_latent_scaling(model, pixels)
+        latent_mean = set_latent_scaling(model, pixels)
     log(f"latent shift {model.vae.config.shift_factor:.4f} scale {model.vae.config.scaling_factor:.4f}")
-    train_denoiser(model, [s.prompt for s in specs], latent_mean, latent_std, cfg, log)
+    train_denoiser(model, [s.prompt for s in specs], latent_mean, cfg, log)
     model.save_pretrained(Path(cfg.output))
     log(f"saved to {cfg.output}")
     return model
