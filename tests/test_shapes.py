@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import pytest

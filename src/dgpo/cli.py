@@ -99,7 +99,8 @@ def cmd_eval(args) -> int:
         Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.output}")
     if args.grid:
-        save_grid(*grid_selection(specs, images), args.grid)
+        grid_images, labels, verdicts = grid_selection(specs, images)
+        save_grid(grid_images, labels, args.grid, passed=verdicts)
         print(f"wrote {args.grid}")
     return 0
 

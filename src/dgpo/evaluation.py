@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,12 +96,24 @@ def shapes_eval(
     return result
 
 
-def save_grid(images: torch.Tensor, labels: list[str], path: str | Path, columns: int = 8, scale: int = 3) -> None:
-    """A PNG of images (upscaled, nearest) with a caption above each row's first image."""
+def save_grid(
+    images: torch.Tensor,
+    labels: list[str],
+    path: str | Path,
+    columns: int = 8,
+    scale: int = 3,
+    passed: list[bool] | None = None,
+) -> None:
+    """A PNG of images (upscaled, nearest) each under its caption, wrapped to the tile width.
+
+    With ``passed``, each tile gets a green (pass) or red (fail) frame: the verifier's call,
+    for a person to check.
+    """
     n = len(images)
     rows = math.ceil(n / columns)
     size = images.shape[-1] * scale
-    caption_h = 12
+    chars_per_line = size // 6
+    caption_h = 2 * 11
     sheet = Image.new("RGB", (columns * (size + 2), rows * (size + caption_h + 2)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for i, (image, label) in enumerate(zip(images, labels)):
@@ -109,7 +122,11 @@ def save_grid(images: torch.Tensor, labels: list[str], path: str | Path, columns
         tile = Image.fromarray(array).resize((size, size), Image.NEAREST)
         x, y = c * (size + 2), r * (size + caption_h + 2)
         sheet.paste(tile, (x, y + caption_h))
-        draw.text((x + 1, y), label[: size // 6], fill=(0, 0, 0))
+        if passed is not None:
+            colour = (0, 170, 0) if passed[i] else (220, 0, 0)
+            draw.rectangle([x, y + caption_h, x + size - 1, y + caption_h + size - 1], outline=colour, width=2)
+        lines = textwrap.wrap(label, chars_per_line)[:2]
+        draw.multiline_text((x + 1, y), "\n".join(lines), fill=(0, 0, 0), spacing=1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 

@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..evaluation import SamplerSettings, ShapesEvalResult, result_dict, save_grid, shapes_eval  # noqa: E402
 from ..shapes.prompts import CATEGORIES  # noqa: E402
+from ..shapes.verifier import verify  # noqa: E402
 from .config import Config  # noqa: E402
 from .loop import Trainer  # noqa: E402
 
@@ -31,13 +33,14 @@ def evaluate(trainer: Trainer, images_per_category: int, grid_path: Path | None 
     with swap:
         result, specs, images = shapes_eval(trainer.model, eval_settings(trainer.config), images_per_category, return_images=True)
     if grid_path is not None:
-        save_grid(*grid_selection(specs, images), grid_path)
+        grid_images, labels, verdicts = grid_selection(specs, images)
+        save_grid(grid_images, labels, grid_path, passed=verdicts)
     return result
 
 
-def grid_selection(specs, images):
-    """A few images for the first prompts of each category, in category order."""
-    chosen, labels, seen = [], [], {}
+def grid_selection(specs, images) -> tuple[torch.Tensor, list[str], list[bool]]:
+    """A few images for the first prompts of each category, in category order, with the verifier's verdicts."""
+    chosen, labels, verdicts, seen = [], [], [], {}
     for spec, image in zip(specs, images):
         prompts = seen.setdefault(spec.category, {})
         if spec.prompt not in prompts and len(prompts) >= GRID_PROMPTS_PER_CATEGORY:
@@ -46,9 +49,8 @@ def grid_selection(specs, images):
         if prompts[spec.prompt] <= GRID_IMAGES_PER_PROMPT:
             chosen.append(image)
             labels.append(spec.prompt.replace("a photo of ", ""))
-    import torch
-
-    return torch.stack(chosen), labels
+            verdicts.append(verify(spec, image).passed)
+    return torch.stack(chosen), labels, verdicts
 
 
 def plot_curves(history: list[dict], evals: list[dict], path: Path) -> None:
