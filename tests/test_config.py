@@ -313,3 +313,12 @@ def test_text_field_override_is_taken_verbatim():
 def test_mixed_precision_no_in_recipe(tmp_path):
     path = _write(tmp_path, "model:\n  mixed_precision: no\n")
     assert load_config(path).model.mixed_precision == "no"
+
+
+def test_reward_options_are_mappings_for_weighted_rewards():
+    config = load_config(None, ["reward.weights={ocr: 1.0}", "reward.options={ocr: {lang: eng}}"])
+    assert config.reward.options == {"ocr": {"lang": "eng"}}
+    with pytest.raises(ConfigError, match="reward.options names rewards without a weight.*clip_score"):
+        load_config(None, ["reward.options={clip_score: {model: x}}"])
+    with pytest.raises(ConfigError, match="reward.options.ocr must be a mapping"):
+        load_config(None, ["reward.weights={ocr: 1.0}", "reward.options={ocr: eng}"])

@@ -53,7 +53,7 @@ def test_unknown_reward_without_close_match():
 
 
 def test_register_new_reward_and_reject_duplicates(monkeypatch):
-    monkeypatch.setattr(rewards, "_REGISTRY", dict(rewards._REGISTRY))
+    monkeypatch.setattr(rewards.REWARDS, "_items", dict(rewards.REWARDS._items))
 
     @register_reward("test_constant")
     def constant():

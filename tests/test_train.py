@@ -167,7 +167,7 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
 
 
 def test_crashing_reward_stops_with_its_name_and_keeps_a_checkpoint(tiny_model_dir, tmp_path):
-    from dgpo.rewards import _REGISTRY, register_reward
+    from dgpo.rewards import REWARDS, register_reward
     from dgpo.train.loop import RewardFailure
 
     calls = {"n": 0}
@@ -187,5 +187,5 @@ def test_crashing_reward_stops_with_its_name_and_keeps_a_checkpoint(tiny_model_d
         with pytest.raises(RewardFailure, match="test_crashing.*model file vanished"):
             trainer.train()
     finally:
-        del _REGISTRY["test_crashing"]
+        REWARDS.unregister("test_crashing")
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]

@@ -128,10 +128,10 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_rewards(args) -> int:
-    from .rewards import _REGISTRY
+    from .rewards import REWARDS
 
-    for name in sorted(_REGISTRY):
-        print(f"{name:24s} {(_REGISTRY[name].__doc__ or '').strip()}")
+    for name in REWARDS.names():
+        print(f"{name:24s} {(REWARDS.get(name).__doc__ or '').strip().splitlines()[0]}")
     return 0
 
 

@@ -7,7 +7,6 @@ applicable to this sample". Weighted combination happens outside the reward
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Callable, Protocol
 
@@ -15,42 +14,33 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..registry import Registry
+
 
 class RewardFn(Protocol):
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> np.ndarray | list: ...
 
 
-_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward")
 
 
 def register_reward(name: str):
     """Register a reward factory: a callable returning the reward function.
 
-    Factories must work with no arguments (the trainer calls ``get_reward(name)``); rewards that
-    need a model path take it as a keyword argument whose default comes from an environment
-    variable, so recipes stay model-agnostic and ``get_reward(name, model=...)`` works in code.
+    Factories must work with no arguments; rewards that need a model path take it as a keyword
+    argument whose default comes from an environment variable, and recipes can pass options
+    per reward (``reward.options``), so ``get_reward(name, model=...)`` works in code and config.
     """
-
-    def decorator(factory: Callable[..., RewardFn]):
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
+    return REWARDS.register(name)
 
 
 def available_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return REWARDS.names()
 
 
 def get_reward(name: str, **options) -> RewardFn:
     """Build the reward ``name``; ``options`` go to its factory (e.g. ``model=``, ``url=``)."""
-    if name not in _REGISTRY:
-        hint = difflib.get_close_matches(name, _REGISTRY, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"unknown reward {name!r}{suggestion}; available: {', '.join(available_rewards())}")
-    factory = _REGISTRY[name]
+    factory = REWARDS.get(name)
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as exc:

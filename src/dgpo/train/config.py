@@ -58,6 +58,7 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     weights: dict[str, float] = _help("reward name -> weight", default_factory=lambda: {"shapes_partial": 1.0})
+    options: dict[str, dict] = _help("reward name -> keyword options for its factory (e.g. {ocr: {lang: eng}})", default_factory=dict)
     std_mode: str = _help("advantage normalisation: group, global or none", default="group")
     advantage_clip: float = _help("clip advantages to +-this (0 = off)", default=5.0)
 
@@ -142,6 +143,7 @@ class Config:
             (self.reward.std_mode in ("group", "global", "none"), f"reward.std_mode must be group, global or none, got {self.reward.std_mode!r}"),
             (bool(self.reward.weights), "reward.weights is empty: name at least one reward"),
             (sum(self.reward.weights.values()) != 0, f"reward.weights sum to zero: {self.reward.weights}"),
+            (set(self.reward.options) <= set(self.reward.weights), f"reward.options names rewards without a weight: {sorted(set(self.reward.options) - set(self.reward.weights))}"),
             (m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}"),
             (m.mixed_precision in ("no", "fp16", "bf16"), f"model.mixed_precision must be no, fp16 or bf16, got {m.mixed_precision!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
@@ -210,6 +212,10 @@ def _coerce(value, annotation, key: str):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         key_type, value_type = typing.get_args(annotation)
         return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
     if isinstance(annotation, types.UnionType):
         raise ConfigError(f"{key}: union types are not supported in configs")
     return value

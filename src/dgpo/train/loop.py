@@ -87,7 +87,7 @@ class Trainer:
         self.layout = GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, self.acc.num_processes, self.acc.process_index)
         self.algorithm = get_algorithm(config.loss.algorithm)
         self.prompts = PromptSource.load(d.prompts)
-        self.rewards = {name: get_reward(name) for name in config.reward.weights}
+        self.rewards = {name: get_reward(name, **config.reward.options.get(name, {})) for name in config.reward.weights}
         self.output = Path(config.run.output_dir)
         self.model = load_model(config.model.backend, config.model.path).to(self.acc.device)
         self._embedding_cache: dict[str, PromptEmbeddings] = {}
