@@ -2,16 +2,21 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dgpo.losses import (
     apply_clip,
+    best_worst_advantages,
     dgpo_group_margin,
     dgpo_loss,
     dgpo_loss_exact,
+    flow_grpo_loss,
     group_advantages,
     local_group_sum,
     per_sample_mse,
     ppo_clip_mask,
+    rank_advantages,
+    sde_step_kl,
     velocity_kl,
 )
 
@@ -362,3 +367,72 @@ def test_apply_clip_stops_gradient_only_where_masked():
     torch.testing.assert_close(clipped, err_theta.detach())
     clipped.sum().backward()
     torch.testing.assert_close(err_theta.grad, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+
+
+# ----- baselines and advantage variants ---------------------------------------------------------
+
+
+def test_best_worst_advantages_pick_each_groups_pair_and_skip_ties_and_nan():
+    rewards = torch.tensor([0.2, 0.9, 0.5, 0.9, 0.4, 0.4, float("nan"), 0.1, 0.7])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    expected = torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 1.0])
+    assert torch.equal(best_worst_advantages(rewards, groups), expected)
+
+
+def test_rank_advantages_hand_example_with_ties():
+    rewards = torch.tensor([0.3, 0.1, 0.3, 0.8, 5.0, -2.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    # group 0 ranks: 0.1 -> 1, 0.3 and 0.3 -> 2.5, 0.8 -> 4; A = 2 (rank - 1) / 3 - 1
+    expected = torch.tensor([0.0, -1.0, 0.0, 1.0, 1.0, -1.0])
+    torch.testing.assert_close(rank_advantages(rewards, groups), expected)
+
+
+def test_rank_advantages_ignore_reward_scale():
+    rewards = torch.tensor([0.1, 0.5, 0.2, 0.9])
+    groups = torch.zeros(4, dtype=torch.long)
+    torch.testing.assert_close(rank_advantages(rewards, groups), rank_advantages(rewards * 100 - 3, groups))
+
+
+def test_dgpo_with_best_worst_advantages_is_the_diffusion_dpo_loss():
+    err_theta = torch.tensor([0.5, 0.7, 0.4, 0.9, 0.3, 0.6], requires_grad=True)
+    err_ref = torch.tensor([0.55, 0.6, 0.45, 0.8, 0.35, 0.5])
+    rewards = torch.tensor([0.9, 0.1, 0.5, 0.2, 0.8, 0.3])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    beta = 7.0
+    grad_dgpo = torch.autograd.grad(dgpo_loss_exact(best_worst_advantages(rewards, groups), err_theta, err_ref, groups, beta), err_theta)[0]
+    delta = err_theta - err_ref
+    # Diffusion-DPO: -log sigmoid(-beta * ((l_theta - l_ref)(winner) - (l_theta - l_ref)(loser))), winners 0 and 4, losers 1 and 3.
+    dpo = -(F.logsigmoid(-beta * (delta[0] - delta[1])) + F.logsigmoid(-beta * (delta[4] - delta[3]))) / 2
+    grad_dpo = torch.autograd.grad(dpo, err_theta)[0]
+    torch.testing.assert_close(grad_dgpo, grad_dpo)
+
+
+def test_flow_grpo_loss_hand_computation():
+    log_prob = torch.tensor([0.0, 0.2, -0.3], requires_grad=True)
+    old = torch.tensor([0.0, 0.0, 0.0])
+    advantages = torch.tensor([1.0, 1.0, -2.0])
+    eps = 0.1
+    loss, metrics = flow_grpo_loss(log_prob, old, advantages, eps, num_samples=4)
+    r = torch.exp(torch.tensor([0.0, 0.2, -0.3]))
+    # sample 1: ratio 1.22 > 1.1 with A > 0 -> clipped term -1.1 is larger; sample 2: ratio 0.74, A < 0 -> max(1.48, 1.8) = 1.8
+    expected = (-1.0 * r[0] + -1.0 * 1.1 + max(2.0 * r[2].item(), 2.0 * 0.9)) / 4
+    torch.testing.assert_close(loss, torch.tensor(float(expected)))
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    # clipped samples get no gradient; the first gets -A * ratio / N
+    torch.testing.assert_close(grad, torch.tensor([-0.25, 0.0, 0.0]))
+    assert metrics["clipped_fraction"].item() == pytest.approx(2 / 3)
+
+
+def test_flow_grpo_loss_at_ratio_one_is_the_policy_gradient():
+    log_prob = torch.randn(5, requires_grad=True)
+    advantages = torch.randn(5)
+    loss, _ = flow_grpo_loss(log_prob, log_prob.detach(), advantages, 1e-4)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    torch.testing.assert_close(grad, -advantages / 5)
+
+
+def test_sde_step_kl_matches_torch_distributions():
+    mean_a, mean_b = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    std = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1)
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean_a, std.expand_as(mean_a)), torch.distributions.Normal(mean_b, std.expand_as(mean_b)))
+    torch.testing.assert_close(sde_step_kl(mean_a, mean_b, std), kl.mean(dim=(1, 2)))

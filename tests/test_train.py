@@ -40,6 +40,9 @@ def tiny_overrides(model_dir, output_dir, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+FLOW_GRPO = {"loss.algorithm": "flow_grpo", "rollout.sampler": "sde", "loss.ppo_clip_eps": 1e-4, "rollout.ema_after": -1}
+
+
 def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.trainable}
 
@@ -65,8 +68,13 @@ def test_dgpo_steps_move_lora_weights_and_log_finite_loss(tiny_model_dir, tmp_pa
         {"loss.reference_guidance_scale": 4.5, "rollout.guidance_scale": 1.0},
         {"loss.timestep_mode": "grid"},
         {"model.lora_rank": 0},
+        FLOW_GRPO,
+        {"rollout.sampler": "sde"},
+        {"loss.algorithm": "diffusion_dpo"},
+        {"reward.advantage": "rank"},
+        {"loss.t_min_end": 0.1},
     ],
-    ids=["ppo-clip", "cfg-mode-2", "grid-timesteps", "full-finetune"],
+    ids=["ppo-clip", "cfg-mode-2", "grid-timesteps", "full-finetune", "flow-grpo", "dgpo-sde-rollouts", "diffusion-dpo", "rank-advantages", "t-min-schedule"],
 )
 def test_recipe_variants_train(tiny_model_dir, tmp_path, variant):
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **variant)))
@@ -77,6 +85,51 @@ def test_recipe_variants_train(tiny_model_dir, tmp_path, variant):
     assert all(torch.isfinite(p).all() for p in after.values())
     if "loss.ppo_clip_eps" in variant:
         assert "clipped_fraction" in trainer.counters.history[-1]
+    assert trainer.counters.history[-1]["forward_equivalents"] > trainer.counters.history[0]["forward_equivalents"] > 0
+
+
+def test_flow_grpo_recomputed_log_probs_match_the_rollout(tiny_model_dir, tmp_path):
+    """Before any update the policy is the rollout model, so every PPO ratio is 1 and nothing is clipped."""
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **FLOW_GRPO, **{"run.max_steps": 1})))
+    trainer.train()
+    metrics = trainer.counters.history[0]
+    assert metrics["approx_kl"] < 1e-8
+    assert metrics["clipped_fraction"] == 0.0
+
+
+def test_flow_grpo_trains_distinct_trajectory_steps_per_sample(tiny_model_dir, tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **FLOW_GRPO, **{"rollout.num_steps": 4, "loss.timesteps": 4})))
+    ids = torch.arange(6)
+    steps = torch.stack([trainer.trajectory_steps(0, k, ids) for k in range(4)])
+    for column in steps.T:
+        assert sorted(column.tolist()) == [0, 1, 2, 3]
+    assert not torch.equal(steps[:, 0], steps[:, 1]) or not torch.equal(steps[:, 1], steps[:, 2])
+
+
+def test_offline_pool_reuses_reference_samples(tiny_model_dir, tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"rollout.offline_pool": 2, "run.max_steps": 4})))
+    trainer.train()
+    rewards = [h["reward_mean"] for h in trainer.counters.history]
+    assert rewards[0] == rewards[2] and rewards[1] == rewards[3] and rewards[0] != rewards[1]
+    forwards = [h["forward_equivalents"] for h in trainer.counters.history]
+    # steps 2 and 3 reuse the pool: only the update's forwards are added, not the rollout's
+    assert forwards[3] - forwards[2] < forwards[1] - forwards[0]
+
+
+def test_flow_grpo_refuses_offline_and_ode_rollouts(tiny_model_dir, tmp_path):
+    from dgpo.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.sampler=sde"):
+        load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{**FLOW_GRPO, "rollout.sampler": "dpm2m"}))
+    with pytest.raises(ValueError, match="offline"):
+        Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **FLOW_GRPO, **{"rollout.offline_pool": 2})))
+
+
+def test_max_seconds_stops_with_a_checkpoint(tiny_model_dir, tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_seconds": 1e-3, "run.max_steps": 5, "run.save_every": 0})))
+    assert trainer.train() == 0
+    assert trainer.counters.step == 1
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
 
 
 def test_exported_adapter_loads_into_a_fresh_model_and_changes_its_output(tiny_model_dir, tmp_path):
@@ -152,9 +205,10 @@ def _run_processes(nproc: int, overrides: list[str], out: Path) -> tuple[dict, l
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
-def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
-    one, sums_one = _run_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{"data.micro_batch": 4}), tmp_path / "one")
-    two, sums_two = _run_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{"data.micro_batch": 2}), tmp_path / "two")
+@pytest.mark.parametrize("algorithm", [{}, FLOW_GRPO], ids=["dgpo", "flow-grpo"])
+def test_two_processes_match_one_process(tiny_model_dir, tmp_path, algorithm):
+    one, sums_one = _run_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{"data.micro_batch": 4, **algorithm}), tmp_path / "one")
+    two, sums_two = _run_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{"data.micro_batch": 2, **algorithm}), tmp_path / "two")
     # Each group of 4 is split over the two processes (2 + 2), so its sum needs the all-reduce.
     for call_one, call_rank0, call_rank1 in zip(sums_one[0], sums_two[0], sums_two[1]):
         merged = {**call_rank0, **call_rank1}

@@ -266,3 +266,103 @@ def ppo_clip_mask(advantages: Tensor, err_theta: Tensor, err_old: Tensor, clip_e
 def apply_clip(err_theta: Tensor, mask: Tensor) -> Tensor:
     """Detach ``err_theta`` where ``mask`` is true; the value is unchanged."""
     return torch.where(mask, err_theta.detach(), err_theta)
+
+
+def _valid_mask(rewards: Tensor, valid: Tensor | None) -> Tensor:
+    mask = torch.isfinite(rewards)
+    return mask if valid is None else mask & valid.to(torch.bool)
+
+
+def best_worst_advantages(rewards: Tensor, group_ids: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Diffusion-DPO's preference pair drawn from a group, as advantages.
+
+        A_i = +1 for the group's best valid sample, -1 for its worst, 0 otherwise
+
+    (the lowest index wins ties), and A = 0 for the whole group when best and worst
+    rewards are equal. With these advantages the DGPO margin of Eq. 17 becomes
+    beta * ((l_theta - l_ref)(x_w) - (l_theta - l_ref)(x_l)), the Diffusion-DPO loss
+    (Wallace et al. 2024, Eq. 14, with its constant T/2 folded into beta).
+    """
+    _require_same_shape(rewards=rewards, group_ids=group_ids)
+    mask = _valid_mask(rewards, valid)
+    advantages = torch.zeros_like(rewards, dtype=torch.promote_types(rewards.dtype, torch.float32))
+    for group in torch.unique(group_ids):
+        members = torch.nonzero((group_ids == group) & mask).flatten()
+        if members.numel() < 2:
+            continue
+        values = rewards[members]
+        best, worst = members[torch.argmax(values)], members[torch.argmin(values)]
+        if rewards[best] > rewards[worst]:
+            advantages[best], advantages[worst] = 1.0, -1.0
+    return advantages
+
+
+def rank_advantages(rewards: Tensor, group_ids: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Centred within-group ranks, an alternative to the weighting w = |A| (paper Sec. 6, open question).
+
+        A_i = 2 * (rank_i - 1) / (n - 1) - 1,   rank_i in 1..n among the group's n valid samples
+
+    with tied rewards sharing their average rank, so A lies in [-1, 1], sums to zero within
+    a group, and depends only on the order of the rewards, not on their spread.
+    """
+    _require_same_shape(rewards=rewards, group_ids=group_ids)
+    mask = _valid_mask(rewards, valid)
+    advantages = torch.zeros_like(rewards, dtype=torch.promote_types(rewards.dtype, torch.float32))
+    for group in torch.unique(group_ids):
+        members = torch.nonzero((group_ids == group) & mask).flatten()
+        n = members.numel()
+        if n < 2:
+            continue
+        values = rewards[members].double()
+        below = (values[None, :] < values[:, None]).sum(dim=1).double()
+        ties = (values[None, :] == values[:, None]).sum(dim=1).double()
+        average_rank = below + (ties + 1) / 2
+        advantages[members] = (2 * (average_rank - 1) / (n - 1) - 1).to(advantages.dtype)
+    return advantages
+
+
+def flow_grpo_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    clip_eps: float,
+    num_samples: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Flow-GRPO's clipped policy objective for one SDE transition per sample (Flow-GRPO Eq. 5, PPO).
+
+        ratio_i = exp(log p_theta(x_next_i | x_i) - log p_old(x_next_i | x_i))
+        L = (1 / N) * sum_i max(-A_i * ratio_i, -A_i * clip(ratio_i, 1 - eps, 1 + eps))
+
+    ``N`` is ``num_samples`` (the global sample count, so that micro-batches and ranks sum
+    to the full-batch gradient) and defaults to the local count. Metrics: the fraction of
+    samples whose ratio was clipped and the mean approximate KL 0.5 * (log ratio)^2.
+    """
+    _require_same_shape(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages)
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    num_samples = log_prob.numel() if num_samples is None else num_samples
+    log_ratio = log_prob - old_log_prob.detach()
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = torch.maximum(unclipped, clipped).sum() / num_samples
+    with torch.no_grad():
+        metrics = {
+            "clipped_fraction": ((ratio - 1.0).abs() > clip_eps).to(ratio.dtype).mean(),
+            "approx_kl": (0.5 * log_ratio.square()).mean(),
+        }
+    return loss, metrics
+
+
+def sde_step_kl(mean_theta: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tensor:
+    """Per-sample KL between two SDE transitions with the same std (Flow-GRPO's KL term).
+
+        kl_n = MEAN over non-batch dims of (mean_theta - mean_ref)^2 / (2 std^2)
+
+    The mean over dimensions matches ``sampling.sde_step_log_prob`` and Flow-GRPO's code.
+    """
+    if mean_theta.shape != mean_ref.shape:
+        raise ValueError(f"shape mismatch: {tuple(mean_theta.shape)} vs {tuple(mean_ref.shape)}")
+    squared = (mean_theta - mean_ref).square() / (2.0 * torch.as_tensor(std, dtype=mean_theta.dtype) ** 2)
+    return squared.reshape(mean_theta.shape[0], -1).mean(dim=1)

@@ -213,6 +213,30 @@ def _as_sample_shape(value: float | Tensor, x: Tensor) -> Tensor:
     return value
 
 
+def sde_step_mean_std(
+    x: Tensor,
+    v: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    noise_level: float,
+    *,
+    sigma_max: float | Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mean and std of the Gaussian transition of ``sde_step`` (see there), without drawing noise."""
+    t = _as_sample_shape(sigma, x)
+    dt = _as_sample_shape(sigma_next, x) - t
+    if sigma_max is None:
+        if bool((t >= 1.0).any()):
+            raise ValueError("sde_step at sigma >= 1 needs sigma_max (Flow-GRPO uses sigmas[1])")
+        t_in_denominator = t
+    else:
+        t_in_denominator = torch.minimum(t, _as_sample_shape(sigma_max, x))
+    noise_scale = noise_level * torch.sqrt(t / (1.0 - t_in_denominator))
+    mean = x + (v + noise_scale**2 / (2.0 * t) * (x + (1.0 - t) * v)) * dt
+    std = noise_scale * torch.sqrt(-dt)
+    return mean, std
+
+
 def sde_step(
     x: Tensor,
     v: Tensor,
@@ -240,17 +264,7 @@ def sde_step(
 
     sigma and sigma_next are floats, 0-d tensors or (B,) tensors. Returns (x_next, mean, std).
     """
-    t = _as_sample_shape(sigma, x)
-    dt = _as_sample_shape(sigma_next, x) - t
-    if sigma_max is None:
-        if bool((t >= 1.0).any()):
-            raise ValueError("sde_step at sigma >= 1 needs sigma_max (Flow-GRPO uses sigmas[1])")
-        t_in_denominator = t
-    else:
-        t_in_denominator = torch.minimum(t, _as_sample_shape(sigma_max, x))
-    noise_scale = noise_level * torch.sqrt(t / (1.0 - t_in_denominator))
-    mean = x + (v + noise_scale**2 / (2.0 * t) * (x + (1.0 - t) * v)) * dt
-    std = noise_scale * torch.sqrt(-dt)
+    mean, std = sde_step_mean_std(x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return mean + std * noise, mean, std
@@ -277,9 +291,13 @@ def sde_sample(
     noise_level: float,
     generator: torch.Generator | None = None,
     return_trajectory: bool = True,
+    step_noise: Tensor | None = None,
 ) -> SampleOutput:
     """Flow-GRPO SDE rollout: ``sde_step`` at every step of ``sigmas`` (the last one to sigma = 0
     included), with sigma_max = sigmas[1], recording each transition's ``sde_step_log_prob``.
+
+    The injected noise is ``step_noise[:, i]`` at step i when given, shape (B, num_steps, ...),
+    so a caller can key it per sample; otherwise it is drawn from ``generator``.
 
     Returns the trajectory (num_steps + 1 states, needed to recompute log-probs under the
     current policy) and log_probs of shape (B, num_steps).
@@ -289,10 +307,14 @@ def sde_sample(
     x = noise
     trajectory = [x] if return_trajectory else None
     log_probs = []
-    for i in range(len(sigma_values) - 1):
+    num_steps = len(sigma_values) - 1
+    if step_noise is not None and tuple(step_noise.shape) != (noise.shape[0], num_steps, *noise.shape[1:]):
+        raise ValueError(f"step_noise must have shape (B, {num_steps}, ...) = {(noise.shape[0], num_steps, *noise.shape[1:])}, got {tuple(step_noise.shape)}")
+    for i in range(num_steps):
         v = velocity_fn(x, _batch_sigma(sigmas, i, x.shape[0]))
         x, mean, std = sde_step(
-            x, v, sigma_values[i], sigma_values[i + 1], noise_level, generator=generator, sigma_max=sigma_values[1]
+            x, v, sigma_values[i], sigma_values[i + 1], noise_level,
+            noise=None if step_noise is None else step_noise[:, i], generator=generator, sigma_max=sigma_values[1],
         )
         log_probs.append(sde_step_log_prob(x, mean, std))
         if trajectory is not None:

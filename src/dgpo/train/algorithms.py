@@ -1,7 +1,9 @@
-"""Training algorithms as registered functions: one micro-step's loss from an ``UpdateContext``.
+"""Training algorithms and advantage functions as registered variants.
 
-The trainer owns rollouts, rewards, advantages and the optimizer; an algorithm only turns
-a micro-batch of final samples and advantages into a loss (plus detached metrics).
+The trainer owns rollouts, rewards and the optimizer. An algorithm turns one micro-batch
+of a step (final samples, and for SDE algorithms the trajectory with its log-probs) plus
+advantages into a loss and detached metrics; an advantage function turns a step's rewards
+into per-sample advantages. Adding a variant is one decorated function.
 """
 from __future__ import annotations
 
@@ -10,44 +12,112 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..losses import apply_clip, dgpo_loss, per_sample_mse, ppo_clip_mask, velocity_kl
+from ..losses import (
+    apply_clip,
+    best_worst_advantages,
+    dgpo_loss,
+    flow_grpo_loss,
+    group_advantages,
+    per_sample_mse,
+    ppo_clip_mask,
+    rank_advantages,
+    sde_step_kl,
+    velocity_kl,
+)
 from ..models.base import PromptEmbeddings
 from ..registry import Registry
+from ..sampling import cfg_velocity, sde_step_log_prob, sde_step_mean_std
 
 if TYPE_CHECKING:
+    from .config import Config, RewardConfig
     from .loop import Trainer
 
 
 @dataclass
 class UpdateContext:
+    """One micro-batch of one loss pass (DGPO: a training timestep; Flow-GRPO: a trajectory step)."""
+
     trainer: "Trainer"
     step: int
-    timestep_index: int
+    pass_index: int
     sample_ids: torch.Tensor
     group_ids: torch.Tensor
     x0: torch.Tensor
     embeddings: PromptEmbeddings
     advantages: torch.Tensor
+    trajectory: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
 
 
-Algorithm = Callable[[UpdateContext], tuple[torch.Tensor, dict[str, float]]]
+UpdateFn = Callable[[UpdateContext], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A registered training algorithm.
+
+    update: the loss of one micro-batch of one pass. passes: loss passes per optimizer step.
+    needs_trajectory: rollouts must record the SDE trajectory and per-step log-probs.
+    text_dropout: train on the empty prompt with probability data.text_dropout (a
+    likelihood-ratio method must score the rollout's own conditioning, so it sets False).
+    advantages: an advantage function this algorithm always uses, else reward.advantage.
+    """
+
+    update: UpdateFn
+    passes: Callable[["Config"], int]
+    needs_trajectory: bool = False
+    text_dropout: bool = True
+    advantages: str | None = None
+
+
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
-register_algorithm = ALGORITHMS.register
 get_algorithm = ALGORITHMS.get
+
+
+def register_algorithm(name: str, passes: Callable[["Config"], int], **options) -> Callable[[UpdateFn], UpdateFn]:
+    def decorator(update: UpdateFn) -> UpdateFn:
+        ALGORITHMS.register(name)(Algorithm(update, passes, **options))
+        return update
+
+    return decorator
+
+
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, "RewardConfig"], torch.Tensor]
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage function")
+register_advantage = ADVANTAGES.register
+get_advantage = ADVANTAGES.get
+
+
+@register_advantage("normalized")
+def normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: "RewardConfig") -> torch.Tensor:
+    """(r - group mean) / std, clipped: the paper's A_i (weights w = |A|)."""
+    clip = cfg.advantage_clip if cfg.advantage_clip > 0 else None
+    return group_advantages(rewards, group_ids, std_mode=cfg.std_mode, clip=clip)
+
+
+@register_advantage("best_worst")
+def best_worst(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: "RewardConfig") -> torch.Tensor:
+    """+1 / -1 for each group's best / worst sample: Diffusion-DPO's pair."""
+    return best_worst_advantages(rewards, group_ids)
+
+
+@register_advantage("rank")
+def rank(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: "RewardConfig") -> torch.Tensor:
+    """Centred ranks in [-1, 1]: a weighting that ignores the reward's scale."""
+    return rank_advantages(rewards, group_ids)
 
 
 def renoise(ctx: UpdateContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_t = (1 - t) x0 + t eps with a per-group t and per-group shared eps; returns (x_t, t, v target)."""
     tr = ctx.trainer
-    sigma = tr.training_sigmas(ctx.step, ctx.timestep_index, ctx.group_ids)
-    eps = tr.group_noise(ctx.step, ctx.timestep_index, ctx.group_ids)
+    sigma = tr.training_sigmas(ctx.step, ctx.pass_index, ctx.group_ids)
+    eps = tr.group_noise(ctx.step, ctx.pass_index, ctx.group_ids)
     s = sigma.view(-1, *([1] * (ctx.x0.dim() - 1)))
     return (1 - s) * ctx.x0 + s * eps, sigma, eps - ctx.x0
 
 
-@register_algorithm("dgpo")
-def dgpo_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
-    """DGPO (paper Eq. 17): group preference between the positive and negative halves of each group."""
+def preference_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
+    """The group preference loss of DGPO (paper Eq. 17) on re-noised final samples."""
     tr, loss_cfg = ctx.trainer, ctx.trainer.config.loss
     xt, sigma, target = renoise(ctx)
     v_ref = tr.reference_velocity(xt, sigma, ctx.embeddings)
@@ -73,5 +143,47 @@ def dgpo_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
         loss = loss + loss_cfg.kl_beta * kl.sum() / tr.layout.samples_per_step
         metrics["kl"] = kl.mean().detach()
     ref_forwards = (2 if loss_cfg.reference_guidance_scale != 1 else 1) + (1 if loss_cfg.ppo_clip_eps > 0 else 0)
-    tr.counters.forward_equivalents += len(ctx.sample_ids) * tr.acc.num_processes * (3 + ref_forwards)
+    tr.count_forwards(len(ctx.sample_ids) * (3 + ref_forwards))
+    return loss, {k: float(v) for k, v in metrics.items()}
+
+
+register_algorithm("dgpo", passes=lambda c: c.loss.timesteps)(preference_update)
+# Online Diffusion-DPO is the same loss on each group's best/worst pair (see best_worst_advantages).
+register_algorithm("diffusion_dpo", passes=lambda c: c.loss.timesteps, advantages="best_worst")(preference_update)
+
+
+@register_algorithm("flow_grpo", passes=lambda c: c.loss.timesteps, needs_trajectory=True, text_dropout=False)
+def flow_grpo_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow-GRPO: clipped likelihood ratio of one SDE transition per sample, plus KL to the reference.
+
+    Pass k trains, for each sample, the k-th entry of a keyed permutation of the rollout's steps,
+    so ``loss.timesteps`` of the ``rollout.num_steps`` transitions are trained (paper: 9 of 10).
+    The policy's transition is recomputed with the rollout's CFG, as Flow-GRPO does.
+    """
+    tr, c = ctx.trainer, ctx.trainer.config
+    r, loss_cfg = c.rollout, c.loss
+    rows = torch.arange(len(ctx.sample_ids))
+    index = tr.trajectory_steps(ctx.step, ctx.pass_index, ctx.sample_ids).to(rows.device)
+    sigmas = tr.rollout_sigmas()
+    x, x_next = ctx.trajectory[rows, index], ctx.trajectory[rows, index + 1]
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    uncond = tr.empty_embeddings(len(rows))
+
+    def transition(velocity_fn):
+        v = cfg_velocity(velocity_fn, ctx.embeddings, uncond, r.guidance_scale)(x, sigma)
+        return sde_step_mean_std(x, v.float(), sigma, sigma_next, r.noise_level, sigma_max=sigmas[1])
+
+    mean, std = transition(tr.model.velocity)
+    log_prob = sde_step_log_prob(x_next, mean, std)
+    loss, metrics = flow_grpo_loss(log_prob, ctx.log_probs[rows, index], ctx.advantages, loss_cfg.ppo_clip_eps, tr.layout.samples_per_step)
+    cfg_factor = 2 if r.guidance_scale != 1 else 1
+    forwards = 3 * cfg_factor
+    if loss_cfg.kl_beta > 0:
+        with torch.no_grad(), tr.reference_model():
+            mean_ref, _ = transition(tr.model.velocity)
+        kl = sde_step_kl(mean.float(), mean_ref.float(), std)
+        loss = loss + loss_cfg.kl_beta * kl.sum() / tr.layout.samples_per_step
+        metrics["kl"] = kl.mean().detach()
+        forwards += cfg_factor
+    tr.count_forwards(len(rows) * forwards)
     return loss, {k: float(v) for k, v in metrics.items()}

@@ -47,34 +47,40 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    sampler: str = _help("ODE solver for rollouts: dpm2m (Flow-DPM-Solver) or euler", default="dpm2m")
+    sampler: str = _help("rollout sampler: dpm2m (Flow-DPM-Solver ODE), euler (ODE) or sde (Flow-GRPO's SDE)", default="dpm2m")
     num_steps: int = _help("solver steps per rollout", default=10)
     shift: float = _help("SD3 time shift of the sigma schedule", default=3.0)
     guidance_scale: float = _help("CFG scale during rollouts (1 = no CFG; paper mode 1: 4.5)", default=4.5)
     ema_after: int = _help("use an EMA of the policy as rollout model after this many steps (-1: never; paper 200)", default=200)
     ema_decay: float = _help("decay of the rollout EMA (paper 0.3)", default=0.3)
+    noise_level: float = _help("sde sampler: a in sigma_t = a * sqrt(t / (1 - t)) (Flow-GRPO 0.7)", default=0.7)
+    offline_pool: int = _help("offline training: rollouts come from the frozen reference model, generated once for "
+                              "this many steps' prompts and reused cyclically (0 = online)", default=0)
 
 
 @dataclass
 class RewardConfig:
     weights: dict[str, float] = _help("reward name -> weight", default_factory=lambda: {"shapes_partial": 1.0})
     options: dict[str, dict] = _help("reward name -> keyword options for its factory (e.g. {ocr: {lang: eng}})", default_factory=dict)
+    advantage: str = _help("advantage function: normalized (paper), rank, best_worst (Diffusion-DPO pair)", default="normalized")
     std_mode: str = _help("advantage normalisation: group, global or none", default="group")
     advantage_clip: float = _help("clip advantages to +-this (0 = off)", default=5.0)
 
 
 @dataclass
 class LossConfig:
-    algorithm: str = _help("training algorithm (registered variant): dgpo", default="dgpo")
+    algorithm: str = _help("training algorithm (registered variant): dgpo, diffusion_dpo, flow_grpo", default="dgpo")
     beta: float = _help("beta of the group preference (paper 100 GenEval/OCR, 10 PickScore)", default=100.0)
-    timesteps: int = _help("M: training timesteps per group per step", default=2)
+    timesteps: int = _help("M: training timesteps per group per step (flow_grpo: trained SDE steps per sample)", default=2)
     timestep_mode: str = _help("continuous: t ~ U[t_min, t_max]; grid: one of the first grid_points rollout sigmas", default="continuous")
     t_min: float = _help("timestep clipping: lowest training sigma (paper: 0.3-0.6 stable)", default=0.6)
     t_max: float = _help("highest training sigma", default=1.0)
+    t_min_end: float = _help("t_min at the last step, moved linearly from loss.t_min over run.max_steps (-1 = fixed)", default=-1.0)
     grid_points: int = _help("grid mode: draw from the first k sigmas of the rollout schedule", default=5)
     kl_beta: float = _help("weight of mean((v_theta - v_ref)^2) (reference code 0.02; paper 0)", default=0.0)
     reference_guidance_scale: float = _help("CFG of the reference model in training (paper mode 2: 4.5; mode 1: 1)", default=1.0)
-    ppo_clip_eps: float = _help("PPO-style clip against the rollout EMA model (paper: 1e-3..1e-2; 0 = off)", default=0.0)
+    ppo_clip_eps: float = _help("dgpo: PPO-style clip against the rollout EMA model (paper: 1e-3..1e-2; 0 = off); "
+                                "flow_grpo: the ratio clip (Flow-GRPO 1e-4, required)", default=0.0)
 
 
 @dataclass
@@ -101,6 +107,7 @@ class EvalConfig:
 class RunConfig:
     seed: int = _help("seed of every random draw (keyed per group and sample)", default=0)
     max_steps: int = _help("optimizer steps", default=100)
+    max_seconds: float = _help("also stop (with a checkpoint) once training has taken this many seconds (0 = no limit)", default=0.0)
     output_dir: str = _help("where logs, checkpoints, grids and the report go", default="runs/dgpo-shapes")
     save_every: int = _help("checkpoint every N steps (0 = only at the end)", default=25)
     keep_checkpoints: int = _help("checkpoints kept (oldest removed first; the newest good one is never removed)", default=2)
@@ -130,12 +137,19 @@ class Config:
             (r.num_steps >= 1, f"rollout.num_steps must be >= 1, got {r.num_steps}"),
             (r.shift > 0, f"rollout.shift must be > 0, got {r.shift}"),
             (r.guidance_scale >= 1, f"rollout.guidance_scale must be >= 1, got {r.guidance_scale}"),
+            (r.sampler in ("dpm2m", "euler", "sde"), f"rollout.sampler must be dpm2m, euler or sde, got {r.sampler!r}"),
+            (r.noise_level > 0, f"rollout.noise_level must be > 0, got {r.noise_level}"),
+            (r.offline_pool >= 0, f"rollout.offline_pool must be >= 0 (0 = online), got {r.offline_pool}"),
             (0 <= r.ema_decay < 1, f"rollout.ema_decay must be in [0, 1), got {r.ema_decay}"),
             (0 <= self.eval.ema_decay < 1, f"eval.ema_decay must be in [0, 1), got {self.eval.ema_decay}"),
             (l.beta > 0, f"loss.beta must be > 0, got {l.beta}"),
             (l.timesteps >= 1, f"loss.timesteps must be >= 1, got {l.timesteps}"),
             (l.timestep_mode in ("continuous", "grid"), f"loss.timestep_mode must be continuous or grid, got {l.timestep_mode!r}"),
             (0 <= l.t_min < l.t_max <= 1, f"need 0 <= loss.t_min < loss.t_max <= 1, got t_min={l.t_min}, t_max={l.t_max}"),
+            (l.t_min_end == -1 or 0 <= l.t_min_end < l.t_max, f"loss.t_min_end must be -1 (fixed t_min) or in [0, t_max={l.t_max}), got {l.t_min_end}"),
+            (l.algorithm != "flow_grpo" or r.sampler == "sde", f"loss.algorithm=flow_grpo needs rollout.sampler=sde (its log-probs come from the SDE), got {r.sampler!r}"),
+            (l.algorithm != "flow_grpo" or l.ppo_clip_eps > 0, "loss.algorithm=flow_grpo needs loss.ppo_clip_eps > 0 (its ratio clip; Flow-GRPO uses 1e-4)"),
+            (l.algorithm != "flow_grpo" or l.timesteps <= r.num_steps, f"flow_grpo trains loss.timesteps={l.timesteps} of the rollout.num_steps={r.num_steps} SDE steps; it cannot exceed them"),
             (1 <= l.grid_points <= r.num_steps, f"loss.grid_points must be in [1, rollout.num_steps={r.num_steps}], got {l.grid_points}"),
             (l.kl_beta >= 0, f"loss.kl_beta must be >= 0, got {l.kl_beta}"),
             (l.ppo_clip_eps >= 0, f"loss.ppo_clip_eps must be >= 0 (0 = off), got {l.ppo_clip_eps}"),
@@ -147,6 +161,7 @@ class Config:
             (m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}"),
             (m.mixed_precision in ("no", "fp16", "bf16"), f"model.mixed_precision must be no, fp16 or bf16, got {m.mixed_precision!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+            (self.run.max_seconds >= 0, f"run.max_seconds must be >= 0 (0 = no limit), got {self.run.max_seconds}"),
             (self.run.max_steps >= 0, f"run.max_steps must be >= 0, got {self.run.max_steps}"),
             (self.run.save_every >= 0, f"run.save_every must be >= 0, got {self.run.save_every}"),
             (self.eval.every >= 0, f"eval.every must be >= 0, got {self.eval.every}"),

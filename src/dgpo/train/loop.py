@@ -22,13 +22,12 @@ from accelerate import Accelerator
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from ..losses import group_advantages
 from ..models import load_model
 from ..models.base import PromptEmbeddings, cat_embeddings, index_embeddings
 from ..rewards import as_scores, combine_rewards, get_reward
-from ..sampling import cfg_velocity, flow_sigmas, get_sampler
+from ..sampling import cfg_velocity, flow_sigmas, get_sampler, sde_sample
 from ..seeding import keyed_randn, keyed_uniform, stable_seed
-from .algorithms import UpdateContext, get_algorithm
+from .algorithms import UpdateContext, get_advantage, get_algorithm
 from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import GroupLayout, Prompt, PromptSource
@@ -43,12 +42,15 @@ class RewardFailure(RuntimeError):
 
 @dataclass
 class Rollout:
-    """One step's local samples: latents x0, decoded images, and their prompts."""
+    """One step's local samples: latents x0, decoded images, their prompts, and for algorithms
+    that need them the SDE trajectory (B, num_steps + 1, ...) and per-step log-probs (B, num_steps)."""
 
     sample_ids: list[int]
     latents: torch.Tensor
     images: torch.Tensor
     prompts: list[Prompt]
+    trajectory: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
 
 
 @dataclass
@@ -86,6 +88,10 @@ class Trainer:
         d = config.data
         self.layout = GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, self.acc.num_processes, self.acc.process_index)
         self.algorithm = get_algorithm(config.loss.algorithm)
+        self.advantage_fn = get_advantage(self.algorithm.advantages or config.reward.advantage)
+        if self.algorithm.needs_trajectory and config.rollout.offline_pool:
+            raise ValueError(f"loss.algorithm={config.loss.algorithm} needs the rollout model's own log-probs; it cannot train offline (rollout.offline_pool)")
+        self._offline_rollouts: dict[int, Rollout] = {}
         self.prompts = PromptSource.load(d.prompts)
         self.rewards = {name: get_reward(name, **config.reward.options.get(name, {})) for name in config.reward.weights}
         self.output = Path(config.run.output_dir)
@@ -134,25 +140,58 @@ class Trainer:
     def _sample_keys(self, purpose: str, step: int, ids: list[int]) -> list[tuple]:
         return [(purpose, self.config.run.seed, step, i) for i in ids]
 
+    def count_forwards(self, local_forwards: float) -> None:
+        """Add model forward-equivalents done on this process (a backward counts as two forwards)."""
+        self.counters.forward_equivalents += local_forwards * self.acc.num_processes
+
+    def rollout_sigmas(self) -> torch.Tensor:
+        r = self.config.rollout
+        return flow_sigmas(r.num_steps, r.shift, device=self.acc.device)
+
+    def empty_embeddings(self, count: int) -> PromptEmbeddings:
+        return self._embed([""] * count)
+
     # ----- the four phases -------------------------------------------------------------------
-    @torch.no_grad()
     def rollout(self, step: int, step_prompts: list[Prompt], sample_ids: list[int]) -> Rollout:
-        """Generate this process's samples with the deterministic ODE solver (EMA policy after ema_after steps)."""
+        """This process's samples: online from the policy (its EMA after ema_after steps), or offline
+        from a pool of reference-model samples generated once (rollout.offline_pool)."""
+        pool = self.config.rollout.offline_pool
+        if not pool:
+            use_ema = 0 <= self.config.rollout.ema_after <= step
+            with self.rollout_ema.swapped_in() if use_ema else contextlib.nullcontext():
+                return self._generate(step, step_prompts, sample_ids)
+        slot = step % pool
+        if slot not in self._offline_rollouts:
+            slot_prompts = self.prompts.for_step(self.config.run.seed, slot, self.layout.groups_per_step)
+            with self.reference_model():
+                self._offline_rollouts[slot] = self._generate(slot, slot_prompts, sample_ids)
+        return self._offline_rollouts[slot]
+
+    @torch.no_grad()
+    def _generate(self, step: int, step_prompts: list[Prompt], sample_ids: list[int]) -> Rollout:
+        """Sample with the current weights: an ODE solver, or the SDE with per-step noise keyed per sample."""
         r = self.config.rollout
         G = self.layout.group_size
         prompts = [step_prompts[i // G] for i in sample_ids]
-        use_ema = 0 <= r.ema_after <= step
         noise = keyed_randn(self.model.latent_shape, self._sample_keys("rollout", step, sample_ids), device=self.acc.device)
         cond = self._embed([p.text for p in prompts])
-        uncond = self._embed([""] * len(prompts))
-        sigmas = flow_sigmas(r.num_steps, r.shift, device=self.acc.device)
-        with self.rollout_ema.swapped_in() if use_ema else contextlib.nullcontext(), self.acc.autocast():
+        uncond = self.empty_embeddings(len(prompts))
+        sigmas = self.rollout_sigmas()
+        with self.acc.autocast():
             velocity_fn = cfg_velocity(self.model.velocity, cond, uncond, r.guidance_scale)
-            latents = get_sampler(r.sampler)(velocity_fn, noise, sigmas).sample.float()
+            if r.sampler == "sde":
+                keep = self.algorithm.needs_trajectory
+                step_noise = keyed_randn((r.num_steps, *self.model.latent_shape), self._sample_keys("sde-noise", step, sample_ids), device=self.acc.device)
+                out = sde_sample(velocity_fn, noise, sigmas, r.noise_level, step_noise=step_noise, return_trajectory=keep)
+            else:
+                out = get_sampler(r.sampler)(velocity_fn, noise, sigmas)
+            latents = out.sample.float()
             images = self.model.decode(latents).float()
         cfg_factor = 2 if r.guidance_scale != 1 else 1
-        self.counters.forward_equivalents += len(sample_ids) * self.acc.num_processes * r.num_steps * cfg_factor
-        return Rollout(sample_ids, latents, images, prompts)
+        self.count_forwards(len(sample_ids) * r.num_steps * cfg_factor)
+        trajectory = torch.stack(out.trajectory, dim=1).float() if out.trajectory is not None else None
+        log_probs = out.log_probs.float() if out.log_probs is not None else None
+        return Rollout(sample_ids, latents, images, prompts, trajectory, log_probs)
 
     def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted rewards of the local samples; NaN where no reward applies or a reward failed."""
@@ -181,36 +220,39 @@ class Trainer:
         return full.cpu()
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        rc = self.config.reward
         group_ids = torch.arange(len(rewards)) // self.layout.group_size
-        clip = rc.advantage_clip if rc.advantage_clip > 0 else None
-        return group_advantages(rewards, group_ids, std_mode=rc.std_mode, clip=clip)
+        return self.advantage_fn(rewards, group_ids, self.config.reward)
 
     def update(self, step: int, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """M training timesteps x micro-steps of the registered algorithm's loss, then one optimizer step."""
+        """The algorithm's passes (DGPO: M training timesteps) x micro-steps, then one optimizer step."""
         c = self.config
         micro_lists = self.layout.local_samples()
         totals: dict[str, float] = {}
         count = 0
-        dropout = keyed_uniform(self._sample_keys("text-dropout", step, rollout.sample_ids)) < c.data.text_dropout
-        texts = ["" if drop else p.text for drop, p in zip(dropout.tolist(), rollout.prompts)]
+        texts = [p.text for p in rollout.prompts]
+        if self.algorithm.text_dropout:
+            dropout = keyed_uniform(self._sample_keys("text-dropout", step, rollout.sample_ids)) < c.data.text_dropout
+            texts = ["" if drop else text for drop, text in zip(dropout.tolist(), texts)]
         embeddings = self._embed(texts)
-        for k in range(c.loss.timesteps):
+        passes = self.algorithm.passes(c)
+        for k in range(passes):
             for m, ids in enumerate(micro_lists):
                 local = slice(m * self.layout.micro_batch, (m + 1) * self.layout.micro_batch)
                 ctx = UpdateContext(
                     trainer=self,
                     step=step,
-                    timestep_index=k,
+                    pass_index=k,
                     sample_ids=torch.tensor(ids),
                     group_ids=torch.tensor(ids) // self.layout.group_size,
                     x0=rollout.latents[local],
                     embeddings=index_embeddings(embeddings, local),
                     advantages=advantages[ids].to(self.acc.device),
+                    trajectory=None if rollout.trajectory is None else rollout.trajectory[local],
+                    log_probs=None if rollout.log_probs is None else rollout.log_probs[local],
                 )
                 with self.acc.autocast():
-                    loss, metrics = self.algorithm(ctx)
-                (loss / c.loss.timesteps).backward()
+                    loss, metrics = self.algorithm.update(ctx)
+                (loss / passes).backward()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
                 count += 1
@@ -231,15 +273,29 @@ class Trainer:
         return out
 
     # ----- timestep and noise draws shared by algorithms ------------------------------------
+    def t_min(self, step: int) -> float:
+        """Timestep clipping bound at ``step``: fixed, or moved linearly to loss.t_min_end over the run."""
+        l = self.config.loss
+        if l.t_min_end < 0:
+            return l.t_min
+        progress = min(step / max(self.config.run.max_steps - 1, 1), 1.0)
+        return l.t_min + progress * (l.t_min_end - l.t_min)
+
     def training_sigmas(self, step: int, k: int, group_ids: torch.Tensor) -> torch.Tensor:
         """One training sigma per group (timestep clipping to [t_min, t_max] or the first grid points)."""
         l = self.config.loss
         u = keyed_uniform([("timestep", self.config.run.seed, step, int(g), k) for g in group_ids], device=self.acc.device)
         if l.timestep_mode == "continuous":
-            return l.t_min + u * (l.t_max - l.t_min)
-        r = self.config.rollout
-        grid = flow_sigmas(r.num_steps, r.shift, device=self.acc.device)[: l.grid_points]
+            t_min = self.t_min(step)
+            return t_min + u * (l.t_max - t_min)
+        grid = self.rollout_sigmas()[: l.grid_points]
         return grid[(u * l.grid_points).long().clamp(max=l.grid_points - 1)]
+
+    def trajectory_steps(self, step: int, k: int, sample_ids: torch.Tensor) -> torch.Tensor:
+        """The SDE step each sample trains in pass k: entry k of a keyed permutation of the rollout's steps."""
+        n = self.config.rollout.num_steps
+        orders = [torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed("sde-steps", self.config.run.seed, step, int(i)))) for i in sample_ids]
+        return torch.stack([order[k] for order in orders])
 
     def group_noise(self, step: int, k: int, group_ids: torch.Tensor) -> torch.Tensor:
         """Re-noising noise shared by all samples of a group (variance reduction)."""
@@ -285,6 +341,9 @@ class Trainer:
         if self.eval_ema is not None:
             self.eval_ema.update()
         elapsed = time.perf_counter() - start
+        if self.acc.num_processes > 1:
+            # Every process must agree on run.max_seconds; the slowest one's clock counts.
+            elapsed = float(self.acc.gather(torch.tensor([elapsed], device=self.acc.device)).max())
         self.counters.step += 1
         self.counters.elapsed_seconds += elapsed
         metrics.update(reward_logs)
@@ -390,6 +449,12 @@ class Trainer:
                 for metrics in self.counters.history:
                     handle.write(json.dumps(metrics) + "\n")
 
+    def finished(self) -> bool:
+        """run.max_steps reached, or run.max_seconds of training spent."""
+        r = self.config.run
+        out_of_time = r.max_seconds > 0 and self.counters.elapsed_seconds >= r.max_seconds
+        return self.counters.step >= r.max_steps or out_of_time
+
     def train(self, resume: bool = False, on_step=None) -> int:
         """Run to ``run.max_steps``; returns 0, or PREEMPTED_EXIT_CODE after a signal-triggered checkpoint."""
         self.output.mkdir(parents=True, exist_ok=True)
@@ -402,7 +467,7 @@ class Trainer:
         r = self.config.run
         try:
             bar = tqdm(total=r.max_steps, initial=self.counters.step, desc="dgpo", disable=not self.acc.is_main_process)
-            while self.counters.step < r.max_steps:
+            while not self.finished():
                 try:
                     metrics = self.train_step()
                 except RewardFailure:
@@ -414,7 +479,7 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics.get('implicit_accuracy', float('nan')):.2f}")
                 if on_step is not None:
                     on_step(self, metrics)
-                done = self.counters.step >= r.max_steps
+                done = self.finished()
                 if self._stop_requested or done or (r.save_every and self.counters.step % r.save_every == 0):
                     self.save()
                 if self._stop_requested and not done:

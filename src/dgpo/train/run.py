@@ -98,7 +98,11 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
             return None
         start = time.perf_counter()
         result = result_dict(evaluate(trainer, images_per_category, out / f"grid_{tag}.png"))
-        result.update(step=trainer.counters.step, images_per_category=images_per_category, seconds=time.perf_counter() - start)
+        c = trainer.counters
+        result.update(
+            step=c.step, training_seconds=c.elapsed_seconds, forward_equivalents=c.forward_equivalents,
+            images_per_category=images_per_category, seconds=time.perf_counter() - start,
+        )
         evals.append(result)
         evals_path.write_text(json.dumps(evals, indent=1))
         log(f"ShapesEval at step {trainer.counters.step}: overall {result['overall']:.3f}")
@@ -109,7 +113,7 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
     every = config.eval.every
 
     def periodic(tr: Trainer, metrics: dict) -> None:
-        if every and tr.counters.step % every == 0 and tr.counters.step < config.run.max_steps:
+        if every and tr.counters.step % every == 0 and not tr.finished():
             run_eval(config.eval.images_per_category, f"step{tr.counters.step:05d}")
 
     status = trainer.train(resume=resume, on_step=periodic)
