@@ -322,3 +322,21 @@ def test_reward_options_are_mappings_for_weighted_rewards():
         load_config(None, ["reward.options={clip_score: {model: x}}"])
     with pytest.raises(ConfigError, match="reward.options.ocr must be a mapping"):
         load_config(None, ["reward.weights={ocr: 1.0}", "reward.options={ocr: eng}"])
+
+
+def test_recipe_inherits_another_and_overrides_a_few_fields(tmp_path):
+    (tmp_path / "base.yaml").write_text("loss:\n  beta: 50\n  t_min: 0.4\ndata:\n  group_size: 8\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("inherit: ../base.yaml\nloss:\n  t_min: 0.0\n")
+    config = load_config(tmp_path / "sub" / "child.yaml", ["data.group_size=6"])
+    assert (config.loss.beta, config.loss.t_min, config.data.group_size) == (50, 0.0, 6)
+
+
+def test_recipe_inheritance_loop_and_missing_parent_are_clear_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("inherit: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml.*inherited by"):
+        load_config(tmp_path / "c.yaml")

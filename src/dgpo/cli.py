@@ -56,6 +56,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .train.compare import Budget, markdown_summary, parse_recipe, run_comparison
+
+    recipes = [parse_recipe(text) for text in args.recipes]
+    budget = Budget(args.budget_steps, args.budget_seconds, args.eval_every, args.eval_images)
+    summary = run_comparison(recipes, Path(args.output), budget, args.threshold or [0.45, 0.5], args.set or [], args.baseline, args.reuse)
+    print(markdown_summary(summary))
+    print(f"\nwrote {args.output}/curves.csv, curves.png, summary.json, summary.md")
+    return 0
+
+
 def verifier_ground_truth(seed: int, renders_per_category: int = 200) -> dict[str, float]:
     """Verifier pass rate on ground-truth renders of the test prompts, per category."""
     import numpy as np
@@ -163,6 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in run.output_dir")
     p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("compare", help="run several recipes under one budget and evaluation protocol",
+                       description="Train each recipe from the same base model, seed and test prompts; evaluate every N steps; "
+                                   "write curves.csv, curves.png, summary.json and summary.md with the time and model "
+                                   "forward-equivalents each recipe needed to reach the score thresholds, and ratios to the baseline.")
+    p.add_argument("recipes", nargs="+", metavar="NAME=RECIPE", help="recipes to compare, e.g. dgpo=configs/shapes/dgpo.yaml")
+    p.add_argument("--output", default="results/compare", help="output directory (default: results/compare)")
+    p.add_argument("--budget-steps", type=int, default=100, help="optimizer steps per recipe (default: 100)")
+    p.add_argument("--budget-seconds", type=float, default=0.0, help="also stop each recipe after this much training time (default: no limit)")
+    p.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (default: 10)")
+    p.add_argument("--eval-images", type=int, default=24, help="test images per category per evaluation (default: 24)")
+    p.add_argument("--threshold", type=float, action="append", help="ShapesEval overall thresholds to time (repeatable; default 0.45 and 0.5)")
+    p.add_argument("--baseline", help="recipe the ratios are relative to (default: the first)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override applied to every recipe (repeatable)")
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs in OUTPUT/runs whose config matches")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("eval", help="ShapesEval table of a checkpoint", description="Evaluate a ShapesEval model (plus optional LoRA adapter) on the test prompts.")
     p.add_argument("--model", default="shipped", help="model directory (default: the shipped base model)")

@@ -288,18 +288,34 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, name, _parse_override_value(raw.strip())
 
 
+INHERIT_KEY = "inherit"
+
+
+def _apply_recipe(path: Path, config: Config, chain: tuple[Path, ...] = ()) -> None:
+    """Apply a YAML recipe; ``inherit: other.yaml`` (relative to the recipe) is applied first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (inherited by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"recipe inheritance loops: {' -> '.join(str(p) for p in (*chain, path.resolve()))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict) and INHERIT_KEY in data:
+        data = dict(data)
+        parent = data.pop(INHERIT_KEY)
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: '{INHERIT_KEY}' must be a recipe path, got {parent!r}")
+        _apply_recipe(path.parent / parent, config, (*chain, path.resolve()))
+    config_from_dict(data, config)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML recipe at ``path``, then ``section.field=value`` overrides; validated."""
+    """Defaults, then the YAML recipe at ``path`` (after any recipe it inherits), then
+    ``section.field=value`` overrides; validated."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        config_from_dict(data, config)
+        _apply_recipe(Path(path), config)
     for text in overrides:
         _apply(config, *parse_override(text))
     return config.validate()

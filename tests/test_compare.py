@@ -1,0 +1,79 @@
+"""The comparison harness on a tiny model with a two-step budget: files, rows and threshold arithmetic."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from dgpo.cli import main
+from dgpo.train.compare import summarize, time_to_threshold
+
+
+def _row(step, seconds, forwards, overall):
+    return {"step": step, "training_seconds": seconds, "forward_equivalents": forwards, "overall": overall}
+
+
+def test_time_to_threshold_takes_the_first_evaluation_reaching_it():
+    rows = [_row(0, 0, 0, 0.40), _row(10, 50, 1000, 0.52), _row(20, 100, 2000, 0.49), _row(30, 150, 3000, 0.61)]
+    assert time_to_threshold(rows, 0.5)["training_seconds"] == 50
+    assert time_to_threshold(rows, 0.6)["step"] == 30
+    assert time_to_threshold(rows, 0.7) is None
+
+
+def test_summary_ratios_are_relative_to_the_baseline():
+    curves = {
+        "dgpo": [_row(0, 0, 0, 0.4), _row(10, 40, 1000, 0.55)],
+        "flow_grpo": [_row(0, 0, 0, 0.4), _row(10, 100, 8000, 0.45), _row(20, 200, 16000, 0.56)],
+    }
+    summary = summarize(curves, [0.5], "dgpo")
+    reached = summary["recipes"]["flow_grpo"]["thresholds"]["0.5"]
+    assert reached["seconds_ratio_to_baseline"] == 5.0
+    assert reached["forwards_ratio_to_baseline"] == 16.0
+    assert summary["recipes"]["dgpo"]["thresholds"]["0.5"]["seconds_ratio_to_baseline"] == 1.0
+
+
+def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "dgpo.yaml"
+    recipe.write_text(
+        f"model: {{path: {tiny_model_dir}, lora_rank: 4}}\n"
+        "data: {group_size: 4, groups_per_step: 2, micro_batch: 4}\n"
+        "rollout: {num_steps: 2, ema_after: -1}\n"
+        "reward: {weights: {shapes_partial: 1.0}}\n"
+        "loss: {grid_points: 2}\n"
+        "run: {tensorboard: false, threads: 1}\n"
+    )
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text("inherit: dgpo.yaml\nloss: {algorithm: flow_grpo, ppo_clip_eps: 0.0001, kl_beta: 0.04}\nrollout: {sampler: sde}\n")
+    out = tmp_path / "compare"
+    argv = ["compare", f"dgpo={recipe}", f"flow_grpo={grpo}", "--output", str(out), "--budget-steps", "2",
+            "--eval-every", "1", "--eval-images", "1", "--threshold", "0.0", "--threshold", "0.99"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(out / "curves.csv")))
+    assert [(r["recipe"], int(r["step"])) for r in rows] == [("dgpo", 0), ("dgpo", 1), ("dgpo", 2), ("flow_grpo", 0), ("flow_grpo", 1), ("flow_grpo", 2)]
+    by_recipe = {name: [r for r in rows if r["recipe"] == name] for name in ("dgpo", "flow_grpo")}
+    for recipe_rows in by_recipe.values():
+        forwards = [float(r["forward_equivalents"]) for r in recipe_rows]
+        assert forwards[0] == 0 and forwards[0] < forwards[1] < forwards[2]
+    # Flow-GRPO trains with CFG on a trajectory step and a KL forward: more forwards per step than DGPO.
+    assert float(by_recipe["flow_grpo"][-1]["forward_equivalents"]) > float(by_recipe["dgpo"][-1]["forward_equivalents"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipes"]["dgpo"]["thresholds"]["0.0"]["step"] == 0
+    assert summary["recipes"]["flow_grpo"]["thresholds"]["0.99"] is None
+    assert (out / "curves.png").stat().st_size > 0 and "flow_grpo" in (out / "summary.md").read_text()
+    # A second call with --reuse trains nothing and reproduces the summary.
+    assert main([*argv, "--reuse"]) == 0
+    assert json.loads((out / "summary.json").read_text())["recipes"] == summary["recipes"]
+
+
+def test_compare_rejects_duplicate_names_and_unknown_baseline(tmp_path, capsys):
+    assert main(["compare", "a=x.yaml", "a=y.yaml", "--output", str(tmp_path)]) == 2
+    assert "unique" in capsys.readouterr().err
+    assert main(["compare", "a=x.yaml", "--baseline", "b", "--output", str(tmp_path)]) == 2
+    assert "baseline" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["=x.yaml", "name="])
+def test_compare_rejects_malformed_recipe_arguments(text, tmp_path, capsys):
+    assert main(["compare", text, "--output", str(tmp_path)]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
