@@ -204,6 +204,18 @@ def test_for_step_covers_every_prompt_once_per_epoch(tmp_path, n, count):
     assert drawn[:n] != everything or drawn[n : 2 * n] != everything, "the order is shuffled"
 
 
+def test_shapes_train_draws_every_category_equally_and_holds_every_prompt():
+    from dgpo.shapes.prompts import train_specs
+
+    source = PromptSource.load("shapes:train")
+    per_category = Counter(p.metadata["category"] for p in source.prompts)
+    assert len(set(per_category.values())) == 1 and len(per_category) >= 5
+    assert {p.text for p in source.prompts} == {s.prompt for s in train_specs()}
+    n = len(source.prompts)
+    drawn = [p.metadata["category"] for step in range(n // 10) for p in source.for_step(seed=0, step=step, count=10)]
+    assert Counter(drawn) == per_category, "one epoch draws every category equally"
+
+
 def test_for_step_covers_shapes_train_once_per_epoch():
     source = PromptSource.load("shapes:train")
     n, count = len(source.prompts), 64

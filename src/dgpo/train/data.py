@@ -24,6 +24,18 @@ class Prompt:
     metadata: dict
 
 
+def balance_categories(prompts: list[Prompt]) -> list[Prompt]:
+    """Each category's prompts repeated (cyclically) to the size of the largest, so training draws
+    every category equally often. ShapesEval's train split is 85% colour attribution (its grammar
+    has far more two-colour combinations than counts or relations), and GenEval scores the six
+    categories with equal weight."""
+    by_category: dict[str, list[Prompt]] = {}
+    for prompt in prompts:
+        by_category.setdefault(prompt.metadata["category"], []).append(prompt)
+    size = max(len(group) for group in by_category.values())
+    return [group[i % len(group)] for group in by_category.values() for i in range(size)]
+
+
 class PromptSource:
     def __init__(self, prompts: list[Prompt], name: str):
         if not prompts:
@@ -36,7 +48,8 @@ class PromptSource:
         """'shapes:train', 'shapes:test', a .txt file (one prompt per line) or a .jsonl file of {prompt, metadata}."""
         if spec in ("shapes:train", "shapes:test"):
             specs = train_specs() if spec == "shapes:train" else test_specs()
-            return cls([Prompt(s.prompt, s.to_metadata()) for s in specs], spec)
+            prompts = [Prompt(s.prompt, s.to_metadata()) for s in specs]
+            return cls(balance_categories(prompts) if spec == "shapes:train" else prompts, spec)
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {spec} (or use shapes:train / shapes:test)")

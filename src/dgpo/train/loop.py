@@ -209,6 +209,17 @@ class Trainer:
         total = combine_rewards(per_reward, self.config.reward.weights)
         return torch.tensor(total, dtype=torch.float32), logs
 
+    def raise_if_any_process_failed(self, failure: RewardFailure | None) -> None:
+        """Every process learns of a reward failure on any process and raises, so all of them reach
+        the same checkpoint save and exit together instead of one waiting forever in a collective."""
+        if self.acc.num_processes > 1:
+            flags = self.acc.gather(torch.tensor([failure is not None], device=self.acc.device))
+            failed = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+            if failed and failure is None:
+                raise RewardFailure(f"a reward failed on process {failed[0]} (its log names the reward)")
+        if failure is not None:
+            raise failure
+
     def gather_rewards(self, local_rewards: torch.Tensor, sample_ids: list[int]) -> torch.Tensor:
         """Every process gets the rewards of the whole step, ordered by global sample index."""
         ids = torch.tensor(sample_ids, device=self.acc.device)
@@ -327,7 +338,12 @@ class Trainer:
         sample_ids = [i for ids in self.layout.local_samples() for i in ids]
         rollout = self.rollout(step, step_prompts, sample_ids)
         t_rollout = time.perf_counter()
-        local_rewards, reward_logs = self.score(rollout)
+        failure = None
+        try:
+            local_rewards, reward_logs = self.score(rollout)
+        except RewardFailure as exc:
+            failure = exc
+        self.raise_if_any_process_failed(failure)
         rewards = self.gather_rewards(local_rewards, sample_ids)
         valid = torch.isfinite(rewards)
         if not valid.any():
