@@ -13,5 +13,5 @@ dgpo compare \
   dpo_online=configs/shapes/dpo_online.yaml \
   dgpo_offline=configs/shapes/dgpo_offline.yaml \
   --output results/compare --budget-steps 200 --budget-seconds "${BUDGET_SECONDS:-420}" \
-  --eval-every 5 --eval-images 24 --threshold 0.45 --threshold 0.5 \
+  --eval-every 10 --eval-images 48 --threshold 0.47 --threshold 0.5 \
   --set optim.lr=1e-3 --set run.threads=2 --reuse "$@"

@@ -2,18 +2,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from dgpo.models.shapes import ShapesModel
-from dgpo.shapes.prompts import vocabulary
-
-TINY_VAE = dict(block_out_channels=(8, 16, 16), norm_num_groups=4)
-TINY_TRANSFORMER = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32)
-
-
-def build_tiny_model(seed: int = 0) -> ShapesModel:
-    torch.manual_seed(seed)
-    return ShapesModel.from_config(vocabulary(), vae=TINY_VAE, transformer=TINY_TRANSFORMER).eval()
+from dgpo.models.shapes import build_tiny_model
 
 
 @pytest.fixture(scope="session")

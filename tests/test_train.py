@@ -140,7 +140,7 @@ def test_exported_adapter_loads_into_a_fresh_model_and_changes_its_output(tiny_m
     trainer.export_adapter(tmp_path / "adapter")
     base = ShapesModel.from_pretrained(tiny_model_dir)
     tuned = ShapesModel.from_pretrained(tiny_model_dir)
-    tuned.transformer.load_lora_adapter(str(tmp_path / "adapter"), prefix=None, use_safetensors=True)
+    tuned.transformer.load_lora_adapter(str(tmp_path / "adapter"), use_safetensors=True)
     x = torch.randn(2, *base.latent_shape)
     sigma = torch.full((2,), 0.7)
     emb = base.encode_prompts(["a photo of a red circle", "a photo of two squares"])
@@ -242,4 +242,26 @@ def test_crashing_reward_stops_with_its_name_and_keeps_a_checkpoint(tiny_model_d
             trainer.train()
     finally:
         REWARDS.unregister("test_crashing")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+def test_rewards_mostly_nan_for_several_steps_stop_training_naming_the_reward(tiny_model_dir, tmp_path):
+    from dgpo.rewards import REWARDS, register_reward
+    from dgpo.train.loop import RewardFailure
+
+    def mostly_nan():
+        def reward(images, prompts, metadata):
+            return [1.0, 2.0] + [float("nan")] * (len(images) - 2)
+
+        return reward
+
+    register_reward("test_mostly_nan")(mostly_nan)
+    try:
+        overrides = {"reward.weights": {"test_mostly_nan": 1.0}, "reward.max_bad_steps": 2, "run.save_every": 0, "run.max_steps": 5}
+        trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)))
+        with pytest.raises(RewardFailure, match=r"steps 0-1: over 50% .*NaN/inf.*test_mostly_nan: 6"):
+            trainer.train()
+    finally:
+        REWARDS.unregister("test_mostly_nan")
+    assert trainer.counters.history[0]["invalid_rewards"] == 8 - 2
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]

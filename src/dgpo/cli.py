@@ -26,7 +26,7 @@ def _load_shapes_model(args):
 
     model = load_model("shapes", args.model)
     if args.adapter:
-        model.transformer.load_lora_adapter(args.adapter, prefix=None, use_safetensors=True)
+        model.transformer.load_lora_adapter(args.adapter, use_safetensors=True)
     return model
 
 

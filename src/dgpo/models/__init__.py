@@ -1,4 +1,7 @@
-"""Model backends behind the adapter contract of ``dgpo.models.base``, registered by name."""
+"""Model backends behind the adapter contract of ``dgpo.models.base``, registered by name.
+
+A backend is a loader ``(path, resolution) -> adapter``; resolution 0 means the backend's default.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,20 +10,34 @@ from typing import Callable
 from ..registry import Registry
 from .base import FlowModelAdapter
 
-BACKENDS: Registry[Callable[[str], FlowModelAdapter]] = Registry("model backend")
+BACKENDS: Registry[Callable[[str, int], FlowModelAdapter]] = Registry("model backend")
 register_backend = BACKENDS.register
 
 
-def load_model(backend: str, path: str) -> FlowModelAdapter:
-    return BACKENDS.get(backend)(path)
+def load_model(backend: str, path: str, resolution: int = 0) -> FlowModelAdapter:
+    return BACKENDS.get(backend)(path, resolution)
+
+
+def _existing_directory(path: str) -> str:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model.path {path!r} is not a model directory")
+    return path
 
 
 @register_backend("shapes")
-def _load_shapes(path: str) -> FlowModelAdapter:
+def _load_shapes(path: str, resolution: int) -> FlowModelAdapter:
     from .shapes import SHIPPED_MODEL, ShapesModel
 
+    if resolution not in (0, 32):
+        raise ValueError(f"the shapes backend draws 32x32 images; model.resolution must be 0 or 32, got {resolution}")
     if path in ("", "shipped"):
         return ShapesModel.from_pretrained(SHIPPED_MODEL)
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model.path {path!r} is not a model directory (or use 'shipped', the built-in ShapesEval model)")
-    return ShapesModel.from_pretrained(path)
+    return ShapesModel.from_pretrained(_existing_directory(path))
+
+
+@register_backend("sd3")
+def _load_sd3(path: str, resolution: int) -> FlowModelAdapter:
+    """SD3 / SD3.5 from a diffusers directory; a hub id is passed through where the network allows."""
+    from .sd3 import SD3Model
+
+    return SD3Model.from_pretrained(path if not Path(path).exists() else _existing_directory(path), resolution or 512)

@@ -41,6 +41,9 @@ class FlowModelAdapter(Protocol):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] to latents (the mean of the VAE posterior)."""
 
+    def save_lora(self, path) -> None:
+        """Save the transformer's LoRA adapter in the format the model's diffusers pipeline loads."""
+
 
 def index_embeddings(embeddings: PromptEmbeddings, index: torch.Tensor | slice) -> PromptEmbeddings:
     return tuple(e[index] for e in embeddings)

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .base import PromptEmbeddings
+from .sd3 import MMDiTLatents
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 DEFAULT_MAX_TOKENS = 16
@@ -107,10 +108,8 @@ def text_encoder_config(tokenizer: WordTokenizer) -> CLIPTextConfig:
     )
 
 
-class ShapesModel:
+class ShapesModel(MMDiTLatents):
     """Adapter for the ShapesEval model (see ``dgpo.models.base.FlowModelAdapter``)."""
-
-    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
     def __init__(self, vae: AutoencoderKL, transformer: SD3Transformer2DModel, text_encoder: CLIPTextModel, tokenizer: WordTokenizer):
         self.vae = vae
@@ -164,13 +163,8 @@ class ShapesModel:
         return self
 
     @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        c = self.transformer.config
-        return (c.in_channels, c.sample_size, c.sample_size)
+    def latent_size(self) -> int:
+        return self.transformer.config.sample_size
 
     def text_features(self, token_ids: torch.Tensor) -> PromptEmbeddings:
         out = self.text_encoder(input_ids=token_ids.to(self.device))
@@ -180,19 +174,14 @@ class ShapesModel:
         with torch.no_grad():
             return self.text_features(self.tokenizer(prompts))
 
-    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeddings: PromptEmbeddings) -> torch.Tensor:
-        hidden, pooled = embeddings
-        timestep = sigma.expand(latents.shape[0]) * 1000.0
-        return self.transformer(
-            hidden_states=latents, encoder_hidden_states=hidden, pooled_projections=pooled, timestep=timestep
-        ).sample
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        images = self.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample
-        return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+TINY_VAE = dict(block_out_channels=(8, 16, 16), norm_num_groups=4)
+TINY_TRANSFORMER = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        mean = self.vae.encode(images * 2.0 - 1.0).latent_dist.mean
-        return (mean - cfg.shift_factor) * cfg.scaling_factor
+
+def build_tiny_model(seed: int = 0) -> ShapesModel:
+    """A randomly initialised ShapesEval model with tiny components, for tests and soak benchmarks."""
+    from ..shapes.prompts import vocabulary
+
+    torch.manual_seed(seed)
+    return ShapesModel.from_config(vocabulary(), vae=TINY_VAE, transformer=TINY_TRANSFORMER).eval()

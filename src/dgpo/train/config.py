@@ -30,6 +30,7 @@ def _help(text: str, **kwargs):
 class ModelConfig:
     backend: str = _help("model adapter: shapes (the built-in ShapesEval model), sd3, flux, sana", default="shapes")
     path: str = _help("model directory or hub id; 'shipped' = the ShapesEval model inside the package", default="shipped")
+    resolution: int = _help("image size in pixels for diffusers backends (0 = the backend's default: sd3 512, shapes 32)", default=0)
     lora_rank: int = _help("LoRA rank; 0 trains all transformer weights", default=16)
     lora_alpha: float = _help("LoRA alpha (scale = alpha / rank)", default=32.0)
     lora_targets: list[str] = _help("module names LoRA wraps; empty = the adapter's attention projections", default_factory=list)
@@ -65,6 +66,8 @@ class RewardConfig:
     advantage: str = _help("advantage function: normalized (paper), rank, best_worst (Diffusion-DPO pair)", default="normalized")
     std_mode: str = _help("advantage normalisation: group, global or none", default="group")
     advantage_clip: float = _help("clip advantages to +-this (0 = off)", default=5.0)
+    max_invalid_fraction: float = _help("a step is bad when more than this fraction of its rewards are NaN/inf", default=0.5)
+    max_bad_steps: int = _help("stop (with a checkpoint) after this many consecutive bad steps (0 = never)", default=3)
 
 
 @dataclass
@@ -158,6 +161,7 @@ class Config:
             (bool(self.reward.weights), "reward.weights is empty: name at least one reward"),
             (sum(self.reward.weights.values()) != 0, f"reward.weights sum to zero: {self.reward.weights}"),
             (set(self.reward.options) <= set(self.reward.weights), f"reward.options names rewards without a weight: {sorted(set(self.reward.options) - set(self.reward.weights))}"),
+            (m.resolution >= 0, f"model.resolution must be >= 0 (0 = the backend's default), got {m.resolution}"),
             (m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}"),
             (m.mixed_precision in ("no", "fp16", "bf16"), f"model.mixed_precision must be no, fp16 or bf16, got {m.mixed_precision!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
@@ -171,6 +175,8 @@ class Config:
             (all(0 <= b < 1 for b in self.optim.betas), f"optim.betas must each be in [0, 1), got {self.optim.betas}"),
             (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
             (self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.optim.grad_clip}"),
+            (0 <= self.reward.max_invalid_fraction < 1, f"reward.max_invalid_fraction must be in [0, 1), got {self.reward.max_invalid_fraction}"),
+            (self.reward.max_bad_steps >= 0, f"reward.max_bad_steps must be >= 0 (0 = never stop), got {self.reward.max_bad_steps}"),
             (self.reward.advantage_clip >= 0, f"reward.advantage_clip must be >= 0 (0 = off), got {self.reward.advantage_clip}"),
             (self.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.run.keep_checkpoints}"),
         ]

@@ -95,7 +95,7 @@ class Trainer:
         self.prompts = PromptSource.load(d.prompts)
         self.rewards = {name: get_reward(name, **config.reward.options.get(name, {})) for name in config.reward.weights}
         self.output = Path(config.run.output_dir)
-        self.model = load_model(config.model.backend, config.model.path).to(self.acc.device)
+        self.model = load_model(config.model.backend, config.model.path, config.model.resolution).to(self.acc.device)
         self._embedding_cache: dict[str, PromptEmbeddings] = {}
         self._embed([p.text for p in self.prompts.prompts] + [""])
         with torch.random.fork_rng(devices=[]):
@@ -108,6 +108,7 @@ class Trainer:
         self.eval_ema = ParameterEMA(self.trainable, config.eval.ema_decay) if config.eval.ema_decay > 0 else None
         self.counters = StepCounters()
         self._stop_requested = False
+        self._bad_reward_steps = 0
         self._writer = None
         self._wandb = None
 
@@ -203,6 +204,7 @@ class Trainer:
                 scores = as_scores(fn(rollout.images, texts, metadata), len(texts), name)
             except Exception as exc:  # a crashing reward must name itself, never poison advantages
                 raise RewardFailure(f"reward {name!r} failed: {type(exc).__name__}: {exc}") from exc
+            logs[f"invalid/{name}"] = int((~np.isfinite(scores)).sum())
             scores = np.where(np.isfinite(scores), scores, np.nan)
             per_reward[name] = scores
             logs[f"reward/{name}"] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
@@ -219,6 +221,18 @@ class Trainer:
                 raise RewardFailure(f"a reward failed on process {failed[0]} (its log names the reward)")
         if failure is not None:
             raise failure
+
+    def _check_invalid_rewards(self, step: int, valid: torch.Tensor, reward_logs: dict) -> None:
+        """Masked NaN/inf rewards are fine now and then; run after run of them means a broken reward."""
+        rc = self.config.reward
+        bad = float((~valid).float().mean()) > rc.max_invalid_fraction
+        self._bad_reward_steps = self._bad_reward_steps + 1 if bad else 0
+        if rc.max_bad_steps and self._bad_reward_steps >= rc.max_bad_steps:
+            counts = ", ".join(f"{k.split('/', 1)[1]}: {v}" for k, v in reward_logs.items() if k.startswith("invalid/"))
+            raise RewardFailure(
+                f"steps {step - self._bad_reward_steps + 1}-{step}: over {rc.max_invalid_fraction:.0%} of the rewards were NaN/inf "
+                f"for {self._bad_reward_steps} steps in a row (NaN/inf scores on this process at the last step: {counts})"
+            )
 
     def gather_rewards(self, local_rewards: torch.Tensor, sample_ids: list[int]) -> torch.Tensor:
         """Every process gets the rewards of the whole step, ordered by global sample index."""
@@ -348,6 +362,7 @@ class Trainer:
         valid = torch.isfinite(rewards)
         if not valid.any():
             raise RewardFailure(f"step {step}: every reward is NaN (no reward applies to these prompts?)")
+        self._check_invalid_rewards(step, valid, reward_logs)
         if valid.sum() > 1 and float(rewards[valid].std()) == 0.0:
             self.log(f"warning: step {step}: all {int(valid.sum())} rewards equal {float(rewards[valid][0]):.4g} (broken reward?)")
         advantages = self.advantages(rewards)
@@ -431,7 +446,7 @@ class Trainer:
     def export_adapter(self, path: Path) -> None:
         """LoRA in diffusers' format (``pipe.load_lora_weights`` / ``transformer.load_lora_adapter``)."""
         if self.config.model.lora_rank > 0:
-            self.model.transformer.save_lora_adapter(str(path))
+            self.model.save_lora(path)
         else:
             self.model.transformer.save_pretrained(str(path))
 
