@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from dgpo.train.data import GroupLayout, LayoutError, PromptSource
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- GroupLayout
 
@@ -229,3 +232,17 @@ def test_for_step_is_a_slice_of_one_stream(tmp_path):
     whole = source.for_step(seed=2, step=1, count=6)
     halves = source.for_step(seed=2, step=2, count=3) + source.for_step(seed=2, step=3, count=3)
     assert whole == halves
+
+
+@pytest.mark.parametrize("recipe", ["geneval", "ocr", "pickscore"])
+def test_sd35m_recipes_keep_the_global_batch_on_1_to_8_processes_and_refuse_32(recipe):
+    from dgpo.train.config import load_config
+
+    config = load_config(REPO / "configs" / "sd35m" / f"{recipe}.yaml")
+    d = config.data
+    for processes in (1, 2, 4, 8):
+        layouts = [GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, processes, rank) for rank in range(processes)]
+        samples = sorted(i for layout in layouts for micro in layout.local_samples() for i in micro)
+        assert samples == list(range(d.group_size * d.groups_per_step))
+    with pytest.raises(LayoutError):
+        GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, 32, 0)

@@ -35,6 +35,7 @@ class ModelConfig:
     lora_alpha: float = _help("LoRA alpha (scale = alpha / rank)", default=32.0)
     lora_targets: list[str] = _help("module names LoRA wraps; empty = the adapter's attention projections", default_factory=list)
     mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", default="no")
+    gradient_checkpointing: bool = _help("recompute transformer activations in the backward pass (less memory, ~30% slower)", default=False)
 
 
 @dataclass

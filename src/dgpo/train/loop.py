@@ -101,6 +101,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stable_seed("adapter-init", config.run.seed))
             self.trainable = attach_trainable(self.model, config.model)
+        if config.model.gradient_checkpointing:
+            self.model.transformer.enable_gradient_checkpointing()
         self.reference_transformer = None if config.model.lora_rank > 0 else copy.deepcopy(self.model.transformer).requires_grad_(False)
         o = config.optim
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
