@@ -206,6 +206,9 @@ def _one_line_error(capsys) -> str:
         (["reward.weights={jpeg_compressibility: 1.0, jpeg_incompressibility: -1.0}"], "sum to zero"),
         (["loss.algorithm=dgop"], "did you mean 'dgpo'"),
         (["reward.advantage=rnak"], "did you mean 'rank'"),
+        (["eval.guard_metric=aesthetics"], "eval.guard_metric 'aesthetics' must be"),
+        (["eval.metrics=[no_such_metric]"], "unknown reward 'no_such_metric'"),
+        (["reward.max_invalid_fraction=1.5"], "reward.max_invalid_fraction"),
     ],
 )
 def test_bad_input_is_a_one_line_error_before_training(overrides, expected, tiny_model_dir, tmp_path, capsys):

@@ -265,3 +265,38 @@ def test_rewards_mostly_nan_for_several_steps_stop_training_naming_the_reward(ti
         REWARDS.unregister("test_mostly_nan")
     assert trainer.counters.history[0]["invalid_rewards"] == 8 - 2
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+def test_eval_only_metric_is_logged_and_its_guard_stops_the_run(tiny_model_dir, tmp_path):
+    from dgpo.train.run import run_training
+
+    overrides = {
+        "run.max_steps": 6, "eval.every": 1, "eval.images_per_category": 1, "eval.final_images_per_category": 1,
+        "eval.metrics": "[jpeg_compressibility]", "eval.guard_metric": "jpeg_compressibility",
+        # any change at all trips it: the tiny random model's JPEG size moves at every step
+        "eval.guard_max_drop": 1e-9,
+    }
+    summary = run_training(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), log=lambda *a: None)
+    evals = json.loads((tmp_path / "evals.json").read_text())
+    assert all("jpeg_compressibility" in e["metrics"] for e in evals)
+    tripped = [e for e in evals if "guard" in e]
+    assert tripped and summary["steps"] < 6 and summary["status"] == 0
+    assert (tmp_path / "report.md").exists()
+
+
+def test_guard_raise_kl_doubles_the_kl_weight():
+    from types import SimpleNamespace
+
+    from dgpo.train.config import Config
+    from dgpo.train.run import apply_guard, guard_tripped
+
+    assert guard_tripped({"artifact": 0.010}, {"artifact": 0.012}, "artifact", 0.1)
+    assert not guard_tripped({"artifact": 0.010}, {"artifact": 0.0105}, "artifact", 0.1)
+    assert guard_tripped({"diversity": 0.30}, {"diversity": 0.25}, "diversity", 0.1)
+    assert not guard_tripped({"diversity": 0.30}, {"diversity": 0.40}, "diversity", 0.1)
+    config = Config()
+    config.eval.guard_metric, config.eval.guard_action, config.loss.kl_beta = "diversity", "raise_kl", 0.02
+    trainer = SimpleNamespace(config=config, counters=SimpleNamespace(step=7), guard_stopped=False)
+    now = {"diversity": 0.1}
+    apply_guard(trainer, {"diversity": 0.3}, now, log=lambda *a: None)
+    assert config.loss.kl_beta == 0.04 and not trainer.guard_stopped and now["guard"]["kl_beta"] == 0.04

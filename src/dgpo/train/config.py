@@ -101,6 +101,11 @@ class EvalConfig:
     images_per_category: int = _help("test images per category for periodic evaluation", default=96)
     final_images_per_category: int = _help("test images per category for the before/after evaluation", default=96)
     ema_decay: float = _help("decay of the evaluation EMA of the policy (0 = evaluate the raw policy)", default=0.0)
+    metrics: list[str] = _help("registered rewards scored on the evaluation images as evaluation-only metrics (never trained on)", default_factory=list)
+    guard_metric: str = _help("reward-hacking guard: an out-of-domain metric watched at each evaluation "
+                              "(artifact, diversity, or a name in eval.metrics; empty = off)", default="")
+    guard_max_drop: float = _help("guard trips when the metric is worse than at step 0 by more than this fraction of its step-0 value", default=0.1)
+    guard_action: str = _help("when the guard trips: stop (end the run, evaluated and reported) or raise_kl (double loss.kl_beta, min 0.01)", default="stop")
     sampler: str = _help("ODE solver for evaluation", default="dpm2m")
     num_steps: int = _help("solver steps for evaluation", default=10)
     shift: float = _help("time shift for evaluation", default=3.0)
@@ -170,6 +175,10 @@ class Config:
             (self.run.max_steps >= 0, f"run.max_steps must be >= 0, got {self.run.max_steps}"),
             (self.run.save_every >= 0, f"run.save_every must be >= 0, got {self.run.save_every}"),
             (self.eval.every >= 0, f"eval.every must be >= 0, got {self.eval.every}"),
+            (self.eval.guard_action in ("stop", "raise_kl"), f"eval.guard_action must be stop or raise_kl, got {self.eval.guard_action!r}"),
+            (self.eval.guard_max_drop > 0, f"eval.guard_max_drop must be > 0, got {self.eval.guard_max_drop}"),
+            (self.eval.guard_metric in ("", "artifact", "diversity", *self.eval.metrics),
+             f"eval.guard_metric {self.eval.guard_metric!r} must be artifact, diversity or one of eval.metrics {self.eval.metrics}"),
             (self.eval.num_steps >= 1, f"eval.num_steps must be >= 1, got {self.eval.num_steps}"),
             (self.eval.images_per_category >= 1, f"eval.images_per_category must be >= 1, got {self.eval.images_per_category}"),
             (self.eval.final_images_per_category >= 1, f"eval.final_images_per_category must be >= 1, got {self.eval.final_images_per_category}"),

@@ -94,6 +94,7 @@ class Trainer:
         self._offline_rollouts: dict[int, Rollout] = {}
         self.prompts = PromptSource.load(d.prompts)
         self.rewards = {name: get_reward(name, **config.reward.options.get(name, {})) for name in config.reward.weights}
+        self.eval_rewards = {name: get_reward(name) for name in config.eval.metrics}
         self.output = Path(config.run.output_dir)
         self.model = load_model(config.model.backend, config.model.path, config.model.resolution).to(self.acc.device)
         self._embedding_cache: dict[str, PromptEmbeddings] = {}
@@ -111,6 +112,7 @@ class Trainer:
         self.counters = StepCounters()
         self._stop_requested = False
         self._bad_reward_steps = 0
+        self.guard_stopped = False
         self._writer = None
         self._wandb = None
 
@@ -486,7 +488,7 @@ class Trainer:
         """run.max_steps reached, or run.max_seconds of training spent."""
         r = self.config.run
         out_of_time = r.max_seconds > 0 and self.counters.elapsed_seconds >= r.max_seconds
-        return self.counters.step >= r.max_steps or out_of_time
+        return self.counters.step >= r.max_steps or out_of_time or self.guard_stopped
 
     def train(self, resume: bool = False, on_step=None) -> int:
         """Run to ``run.max_steps``; returns 0, or PREEMPTED_EXIT_CODE after a signal-triggered checkpoint."""

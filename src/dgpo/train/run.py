@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..evaluation import SamplerSettings, ShapesEvalResult, result_dict, save_grid, shapes_eval  # noqa: E402
+from ..evaluation import SamplerSettings, result_dict, save_grid, shapes_eval  # noqa: E402
+from ..rewards import as_scores  # noqa: E402
 from ..shapes.prompts import CATEGORIES  # noqa: E402
 from ..shapes.verifier import verify  # noqa: E402
 from .config import Config  # noqa: E402
@@ -27,15 +29,51 @@ def eval_settings(config: Config) -> SamplerSettings:
     return SamplerSettings(e.sampler, e.num_steps, e.shift, e.guidance_scale)
 
 
-def evaluate(trainer: Trainer, images_per_category: int, grid_path: Path | None = None) -> ShapesEvalResult:
-    """ShapesEval with the evaluation EMA of the policy (or the policy itself)."""
+LOWER_IS_BETTER = {"artifact"}
+
+
+def evaluate(trainer: Trainer, images_per_category: int, grid_path: Path | None = None) -> dict:
+    """ShapesEval with the evaluation EMA of the policy (or the policy itself), plus the
+    evaluation-only reward metrics (``eval.metrics``) on the same images."""
     swap = trainer.eval_ema.swapped_in() if trainer.eval_ema is not None else contextlib.nullcontext()
     with swap:
         result, specs, images = shapes_eval(trainer.model, eval_settings(trainer.config), images_per_category, return_images=True)
     if grid_path is not None:
         grid_images, labels, verdicts = grid_selection(specs, images)
         save_grid(grid_images, labels, grid_path, passed=verdicts)
-    return result
+    out = result_dict(result)
+    texts, metadata = [s.prompt for s in specs], [s.to_metadata() for s in specs]
+    for name, reward in trainer.eval_rewards.items():
+        scores = as_scores(reward(images, texts, metadata), len(texts), name)
+        out.setdefault("metrics", {})[name] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+    return out
+
+
+def guard_metric_value(evaluation: dict, name: str) -> float:
+    return evaluation[name] if name in ("artifact", "diversity") else evaluation["metrics"][name]
+
+
+def guard_tripped(before: dict, now: dict, name: str, max_drop: float) -> bool:
+    """True when metric ``name`` is worse than at step 0 by more than ``max_drop`` of its step-0 value."""
+    start, current = guard_metric_value(before, name), guard_metric_value(now, name)
+    worsening = (current - start) if name in LOWER_IS_BETTER else (start - current)
+    return worsening > max_drop * abs(start)
+
+
+def apply_guard(trainer: Trainer, before: dict, now: dict, log) -> None:
+    e = trainer.config.eval
+    if not e.guard_metric or not guard_tripped(before, now, e.guard_metric, e.guard_max_drop):
+        return
+    value = guard_metric_value(now, e.guard_metric)
+    message = f"guard: {e.guard_metric} went from {guard_metric_value(before, e.guard_metric):.4g} to {value:.4g} at step {trainer.counters.step}"
+    if e.guard_action == "stop":
+        trainer.guard_stopped = True
+        log(f"{message}; stopping the run")
+    else:
+        loss = trainer.config.loss
+        loss.kl_beta = max(2 * loss.kl_beta, 0.01)
+        log(f"{message}; loss.kl_beta raised to {loss.kl_beta:g}")
+    now["guard"] = {"metric": e.guard_metric, "action": e.guard_action, "kl_beta": trainer.config.loss.kl_beta}
 
 
 def grid_selection(specs, images) -> tuple[torch.Tensor, list[str], list[bool]]:
@@ -97,12 +135,15 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
         if not (is_shapes and main):
             return None
         start = time.perf_counter()
-        result = result_dict(evaluate(trainer, images_per_category, out / f"grid_{tag}.png"))
+        result = evaluate(trainer, images_per_category, out / f"grid_{tag}.png")
         c = trainer.counters
         result.update(
             step=c.step, training_seconds=c.elapsed_seconds, forward_equivalents=c.forward_equivalents,
             images_per_category=images_per_category, seconds=time.perf_counter() - start,
         )
+        before = next((e for e in evals if e["step"] == 0), None)
+        if before is not None:
+            apply_guard(trainer, before, result, log)
         evals.append(result)
         evals_path.write_text(json.dumps(evals, indent=1))
         log(f"ShapesEval at step {trainer.counters.step}: overall {result['overall']:.3f}")
