@@ -73,8 +73,10 @@ def test_dgpo_steps_move_lora_weights_and_log_finite_loss(tiny_model_dir, tmp_pa
         {"loss.algorithm": "diffusion_dpo"},
         {"reward.advantage": "rank"},
         {"loss.t_min_end": 0.1},
+        {"optim.updates_per_rollout": 2},
     ],
-    ids=["ppo-clip", "cfg-mode-2", "grid-timesteps", "full-finetune", "flow-grpo", "dgpo-sde-rollouts", "diffusion-dpo", "rank-advantages", "t-min-schedule"],
+    ids=["ppo-clip", "cfg-mode-2", "grid-timesteps", "full-finetune", "flow-grpo", "dgpo-sde-rollouts", "diffusion-dpo", "rank-advantages",
+         "t-min-schedule", "two-updates-per-rollout"],
 )
 def test_recipe_variants_train(tiny_model_dir, tmp_path, variant):
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **variant)))
@@ -95,6 +97,12 @@ def test_flow_grpo_recomputed_log_probs_match_the_rollout(tiny_model_dir, tmp_pa
     metrics = trainer.counters.history[0]
     assert metrics["approx_kl"] < 1e-8
     assert metrics["clipped_fraction"] == 0.0
+
+
+def test_flow_grpo_second_update_on_a_rollout_sees_a_moved_policy(tiny_model_dir, tmp_path):
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **FLOW_GRPO, **{"run.max_steps": 1, "optim.updates_per_rollout": 2})))
+    trainer.train()
+    assert trainer.counters.history[0]["approx_kl"] > 0
 
 
 def test_flow_grpo_trains_distinct_trajectory_steps_per_sample(tiny_model_dir, tmp_path):

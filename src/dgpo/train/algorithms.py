@@ -47,6 +47,13 @@ class UpdateContext:
     advantages: torch.Tensor
     trajectory: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None
+    update_index: int = 0
+    """Which of the optim.updates_per_rollout optimizer steps on this rollout."""
+
+    @property
+    def draw_key(self) -> tuple[int, int]:
+        """Keys this pass's random draws (timesteps, noise, trajectory steps) within the step."""
+        return (self.update_index, self.pass_index)
 
 
 UpdateFn = Callable[[UpdateContext], tuple[torch.Tensor, dict[str, float]]]
@@ -110,8 +117,8 @@ def rank(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: "RewardConfig") ->
 def renoise(ctx: UpdateContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_t = (1 - t) x0 + t eps with a per-group t and per-group shared eps; returns (x_t, t, v target)."""
     tr = ctx.trainer
-    sigma = tr.training_sigmas(ctx.step, ctx.pass_index, ctx.group_ids)
-    eps = tr.group_noise(ctx.step, ctx.pass_index, ctx.group_ids)
+    sigma = tr.training_sigmas(ctx.step, ctx.draw_key, ctx.group_ids)
+    eps = tr.group_noise(ctx.step, ctx.draw_key, ctx.group_ids)
     s = sigma.view(-1, *([1] * (ctx.x0.dim() - 1)))
     return (1 - s) * ctx.x0 + s * eps, sigma, eps - ctx.x0
 
@@ -163,7 +170,7 @@ def flow_grpo_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]
     tr, c = ctx.trainer, ctx.trainer.config
     r, loss_cfg = c.rollout, c.loss
     rows = torch.arange(len(ctx.sample_ids))
-    index = tr.trajectory_steps(ctx.step, ctx.pass_index, ctx.sample_ids).to(rows.device)
+    index = tr.trajectory_steps(ctx.step, ctx.pass_index, ctx.sample_ids, ctx.update_index).to(rows.device)
     sigmas = tr.rollout_sigmas()
     x, x_next = ctx.trajectory[rows, index], ctx.trajectory[rows, index + 1]
     sigma, sigma_next = sigmas[index], sigmas[index + 1]

@@ -93,6 +93,8 @@ class OptimConfig:
     weight_decay: float = _help("AdamW weight decay", default=1e-4)
     betas: tuple[float, float] = _help("AdamW betas", default=(0.9, 0.999))
     grad_clip: float = _help("max gradient norm (0 = off)", default=1.0)
+    updates_per_rollout: int = _help("optimizer steps on each rollout batch (fresh training timesteps and noise each; "
+                                     "Flow-GRPO's inner epochs; 1 = the paper's DGPO)", default=1)
 
 
 @dataclass
@@ -184,6 +186,7 @@ class Config:
             (self.eval.final_images_per_category >= 1, f"eval.final_images_per_category must be >= 1, got {self.eval.final_images_per_category}"),
             (all(0 <= b < 1 for b in self.optim.betas), f"optim.betas must each be in [0, 1), got {self.optim.betas}"),
             (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
+            (self.optim.updates_per_rollout >= 1, f"optim.updates_per_rollout must be >= 1, got {self.optim.updates_per_rollout}"),
             (self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.optim.grad_clip}"),
             (0 <= self.reward.max_invalid_fraction < 1, f"reward.max_invalid_fraction must be in [0, 1), got {self.reward.max_invalid_fraction}"),
             (self.reward.max_bad_steps >= 0, f"reward.max_bad_steps must be >= 0 (0 = never stop), got {self.reward.max_bad_steps}"),

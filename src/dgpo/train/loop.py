@@ -252,7 +252,7 @@ class Trainer:
         group_ids = torch.arange(len(rewards)) // self.layout.group_size
         return self.advantage_fn(rewards, group_ids, self.config.reward)
 
-    def update(self, step: int, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+    def update(self, step: int, rollout: Rollout, advantages: torch.Tensor, update_index: int = 0) -> dict[str, float]:
         """The algorithm's passes (DGPO: M training timesteps) x micro-steps, then one optimizer step."""
         c = self.config
         micro_lists = self.layout.local_samples()
@@ -271,6 +271,7 @@ class Trainer:
                     trainer=self,
                     step=step,
                     pass_index=k,
+                    update_index=update_index,
                     sample_ids=torch.tensor(ids),
                     group_ids=torch.tensor(ids) // self.layout.group_size,
                     x0=rollout.latents[local],
@@ -310,7 +311,7 @@ class Trainer:
         progress = min(step / max(self.config.run.max_steps - 1, 1), 1.0)
         return l.t_min + progress * (l.t_min_end - l.t_min)
 
-    def training_sigmas(self, step: int, k: int, group_ids: torch.Tensor) -> torch.Tensor:
+    def training_sigmas(self, step: int, k: object, group_ids: torch.Tensor) -> torch.Tensor:
         """One training sigma per group (timestep clipping to [t_min, t_max] or the first grid points)."""
         l = self.config.loss
         u = keyed_uniform([("timestep", self.config.run.seed, step, int(g), k) for g in group_ids], device=self.acc.device)
@@ -320,13 +321,13 @@ class Trainer:
         grid = self.rollout_sigmas()[: l.grid_points]
         return grid[(u * l.grid_points).long().clamp(max=l.grid_points - 1)]
 
-    def trajectory_steps(self, step: int, k: int, sample_ids: torch.Tensor) -> torch.Tensor:
+    def trajectory_steps(self, step: int, k: int, sample_ids: torch.Tensor, update_index: int = 0) -> torch.Tensor:
         """The SDE step each sample trains in pass k: entry k of a keyed permutation of the rollout's steps."""
         n = self.config.rollout.num_steps
-        orders = [torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed("sde-steps", self.config.run.seed, step, int(i)))) for i in sample_ids]
+        orders = [torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed("sde-steps", self.config.run.seed, step, update_index, int(i)))) for i in sample_ids]
         return torch.stack([order[k] for order in orders])
 
-    def group_noise(self, step: int, k: int, group_ids: torch.Tensor) -> torch.Tensor:
+    def group_noise(self, step: int, k: object, group_ids: torch.Tensor) -> torch.Tensor:
         """Re-noising noise shared by all samples of a group (variance reduction)."""
         keys = [("renoise", self.config.run.seed, step, int(g), k) for g in group_ids]
         return keyed_randn(self.model.latent_shape, keys, device=self.acc.device)
@@ -371,7 +372,8 @@ class Trainer:
             self.log(f"warning: step {step}: all {int(valid.sum())} rewards equal {float(rewards[valid][0]):.4g} (broken reward?)")
         advantages = self.advantages(rewards)
         t_reward = time.perf_counter()
-        metrics = self.update(step, rollout, advantages)
+        for update_index in range(self.config.optim.updates_per_rollout):
+            metrics = self.update(step, rollout, advantages, update_index)
         self.rollout_ema.update()
         if self.eval_ema is not None:
             self.eval_ema.update()
