@@ -44,7 +44,7 @@ def main() -> int:
         build_tiny_model().save_pretrained(model_dir)
         overrides = [
             f"model.path={model_dir}", "model.lora_rank=4", "data.group_size=4", "data.groups_per_step=4", "data.micro_batch=8",
-            "rollout.num_steps=4", "rollout.ema_after=20", "reward.weights={jpeg_incompressibility: 1.0}",
+            "rollout.num_steps=4", "loss.grid_points=4", "rollout.ema_after=20", "reward.weights={jpeg_incompressibility: 1.0}",
             f"run.max_steps={args.epochs * args.steps_per_epoch}", "run.save_every=5", "run.keep_checkpoints=2",
             "run.tensorboard=false", f"run.output_dir={Path(tmp) / 'run'}", "eval.ema_decay=0.9",
         ]
@@ -64,7 +64,10 @@ def main() -> int:
         on_step.last = time.perf_counter()
         trainer.train(on_step=on_step)
     quarter = max(len(epochs) // 4, 1)
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
     summary = {
         "algorithm": args.algorithm,
         "epochs": epochs,

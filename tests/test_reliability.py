@@ -75,6 +75,23 @@ def wait_for_checkpoint(out: Path, step: int, process: subprocess.Popen, timeout
         time.sleep(0.05)
 
 
+def wait_for_first_step(out: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not (out / "metrics.jsonl").exists():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+
+
+def resume_and_compare(tmp_path: Path, recipe: Path, out: Path, expected: tuple[dict, list[float]]) -> str:
+    resumed = start(tmp_path, recipe, out, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output[-2000:]
+    tensors, logged = final_state(out)
+    assert_identical(tensors, expected[0])
+    assert logged == expected[1]
+    return output
+
+
 def final_state(out: Path) -> tuple[dict, list[float]]:
     tensors, _, state = load_checkpoint(out / "checkpoints" / f"step-{STEPS:08d}")
     logged = [json.loads(line)["reward_mean"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -95,8 +112,8 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("straight")
     recipe = write_recipe(tmp_path, tiny_model_dir)
     process = start(tmp_path, recipe, tmp_path / "run")
-    stderr, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-2000:]
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-2000:]
     return final_state(tmp_path / "run")
 
 
@@ -108,48 +125,31 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(uninterrupted, tiny_model_
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL
-    resumed = start(tmp_path, recipe, out, "--resume")
-    stderr, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr[-2000:]
-    assert "resumed from" in stderr
-    tensors, logged = final_state(out)
-    expected_tensors, expected_logged = uninterrupted
-    assert_identical(tensors, expected_tensors)
-    assert logged == expected_logged
-    # the EMA-reference switch (rollout.ema_after = 2) happened inside the resumed part, and the EMAs match too
-    assert {"trainable", "rollout_ema", "eval_ema"} <= tensors.keys()
+    output = resume_and_compare(tmp_path, recipe, out, uninterrupted)
+    assert "resumed from" in output
+    # the EMA-rollout switch (rollout.ema_after = 2) happens inside the resumed part; both EMAs are compared
+    assert {"trainable", "rollout_ema", "eval_ema"} <= uninterrupted[0].keys()
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_identically(uninterrupted, tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
     process = start(tmp_path, recipe, out, "--set", "run.save_every=0", delay=0.4)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists():
-        assert process.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    wait_for_first_step(out, process)
     process.send_signal(signal.SIGTERM)
-    stderr, _ = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr[-2000:]
-    assert "resume with --resume" in stderr
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 75, output[-2000:]
+    assert "resume with --resume" in output
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(saved) == 1 and saved[0] < f"step-{STEPS:08d}"
-    resumed = start(tmp_path, recipe, out, "--resume")
-    stderr, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr[-2000:]
-    tensors, logged = final_state(out)
-    assert_identical(tensors, uninterrupted[0])
-    assert logged == uninterrupted[1]
+    resume_and_compare(tmp_path, recipe, out, uninterrupted)
 
 
 def test_second_signal_exits_at_once(tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
     process = start(tmp_path, recipe, out, "--set", "run.max_steps=50", delay=1.0)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists():
-        assert process.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    wait_for_first_step(out, process)
     process.send_signal(signal.SIGINT)
     time.sleep(0.2)
     process.send_signal(signal.SIGINT)
@@ -162,9 +162,9 @@ def test_reward_failing_on_one_rank_stops_every_rank_with_one_checkpoint(tiny_mo
     recipe = write_recipe(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
     process = start(tmp_path, recipe, out, "--set", "data.micro_batch=2", nproc=2, fail_rank="1")
-    stderr, _ = process.communicate(timeout=300)
+    output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
-    assert "test_jpeg" in stderr and "scorer lost its weights" in stderr
+    assert "test_jpeg" in output and "scorer lost its weights" in output
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
 
 
