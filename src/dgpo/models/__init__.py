@@ -41,3 +41,11 @@ def _load_sd3(path: str, resolution: int) -> FlowModelAdapter:
     from .sd3 import SD3Model
 
     return SD3Model.from_pretrained(path if not Path(path).exists() else _existing_directory(path), resolution or 512)
+
+
+@register_backend("flux")
+def _load_flux(path: str, resolution: int) -> FlowModelAdapter:
+    """FLUX.1 dev / schnell from a diffusers directory; a hub id is passed through where the network allows."""
+    from .flux import FluxModel
+
+    return FluxModel.from_pretrained(path if not Path(path).exists() else _existing_directory(path), resolution or 512)
