@@ -180,8 +180,16 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_model_dir, tmp_path
 
 TWO_PROCESS_SCRIPT = """
 import json, sys, torch
+from dgpo.rewards import register_reward
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
+
+# Continuous in the pixels: the last-bit differences between batch layouts stay last-bit differences
+# (a JPEG size can jump by a byte).
+@register_reward("test_brightness")
+def test_brightness():
+    return lambda images, prompts, metadata: images.mean(dim=(1, 2, 3)).tolist()
+
 overrides, out = json.loads(sys.argv[1]), sys.argv[2]
 trainer = Trainer(load_config(None, overrides))
 sums = []
@@ -215,8 +223,9 @@ def _run_processes(nproc: int, overrides: list[str], out: Path) -> tuple[dict, l
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 @pytest.mark.parametrize("algorithm", [{}, FLOW_GRPO], ids=["dgpo", "flow-grpo"])
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path, algorithm):
-    one, sums_one = _run_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{"data.micro_batch": 4, **algorithm}), tmp_path / "one")
-    two, sums_two = _run_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{"data.micro_batch": 2, **algorithm}), tmp_path / "two")
+    reward = {"reward.weights": {"test_brightness": 1.0}}
+    one, sums_one = _run_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{"data.micro_batch": 4, **reward, **algorithm}), tmp_path / "one")
+    two, sums_two = _run_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{"data.micro_batch": 2, **reward, **algorithm}), tmp_path / "two")
     # Each group of 4 is split over the two processes (2 + 2), so its sum needs the all-reduce.
     for call_one, call_rank0, call_rank1 in zip(sums_one[0], sums_two[0], sums_two[1]):
         merged = {**call_rank0, **call_rank1}
@@ -225,7 +234,8 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, algorithm):
             assert merged[group] == pytest.approx(total, rel=1e-4, abs=1e-6)
     assert [h["reward_mean"] for h in one["history"]] == pytest.approx([h["reward_mean"] for h in two["history"]], abs=1e-6)
     for name, value in one["params"].items():
-        torch.testing.assert_close(two["params"][name], value, rtol=1e-4, atol=1e-6)
+        # Adam normalises each element's step, so near-zero gradients turn last-bit differences into ~1e-6 ones.
+        torch.testing.assert_close(two["params"][name], value, rtol=1e-4, atol=1e-5)
 
 
 def test_crashing_reward_stops_with_its_name_and_keeps_a_checkpoint(tiny_model_dir, tmp_path):
