@@ -94,7 +94,7 @@ def cmd_eval(args) -> int:
         torch.set_num_threads(args.threads)
     model = _load_shapes_model(args)
     settings = _settings(args)
-    result, specs, images = shapes_eval(model, settings, args.images_per_category, seed=args.seed, return_images=True)
+    result, specs, images, verdicts = shapes_eval(model, settings, args.images_per_category, seed=args.seed, return_images=True)
     print(result.table())
     print(f"artifact {result.artifact:.4f}  diversity {result.diversity:.4f}  ({result.num_images} images)")
     out = result_dict(result)
@@ -110,8 +110,8 @@ def cmd_eval(args) -> int:
         Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.output}")
     if args.grid:
-        grid_images, labels, verdicts = grid_selection(specs, images)
-        save_grid(grid_images, labels, args.grid, passed=verdicts)
+        grid_images, labels, grid_verdicts = grid_selection(specs, images, verdicts)
+        save_grid(grid_images, labels, args.grid, passed=grid_verdicts)
         print(f"wrote {args.grid}")
     return 0
 

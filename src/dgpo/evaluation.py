@@ -70,7 +70,10 @@ def shapes_eval(
     batch_size: int = 256,
     return_images: bool = False,
 ):
-    """GenEval protocol on the ShapesEval test set: per-image pass/fail, task = pass rate, overall = mean of tasks."""
+    """GenEval protocol on the ShapesEval test set: per-image pass/fail, task = pass rate, overall = mean of tasks.
+
+    With ``return_images`` also returns the specs, the images and each image's verdict (pass/fail).
+    """
     plan = test_set(images_per_category)
     specs: list[PromptSpec] = []
     keys, group_ids = [], []
@@ -80,9 +83,10 @@ def shapes_eval(
             keys.append(("eval", seed, prompt_index, k))
             group_ids.append(prompt_index)
     images = generate(model, [s.prompt for s in specs], keys, settings, batch_size)
+    verdicts = [verify(spec, image).passed for spec, image in zip(specs, images)]
     passed: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
-    for spec, image in zip(specs, images):
-        passed[spec.category].append(verify(spec, image).passed)
+    for spec, verdict in zip(specs, verdicts):
+        passed[spec.category].append(verdict)
     categories = {c: float(np.mean(passed[c])) for c in CATEGORIES}
     result = ShapesEvalResult(
         overall=float(np.mean(list(categories.values()))),
@@ -92,7 +96,7 @@ def shapes_eval(
         num_images=len(specs),
     )
     if return_images:
-        return result, specs, images
+        return result, specs, images, verdicts
     return result
 
 

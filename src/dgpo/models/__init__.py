@@ -24,6 +24,11 @@ def _existing_directory(path: str) -> str:
     return path
 
 
+def _directory_or_hub_id(path: str) -> str:
+    """A path that exists must be a model directory; anything else goes to the hub (where there is network)."""
+    return _existing_directory(path) if Path(path).exists() else path
+
+
 @register_backend("shapes")
 def _load_shapes(path: str, resolution: int) -> FlowModelAdapter:
     from .shapes import SHIPPED_MODEL, ShapesModel
@@ -40,7 +45,7 @@ def _load_sd3(path: str, resolution: int) -> FlowModelAdapter:
     """SD3 / SD3.5 from a diffusers directory; a hub id is passed through where the network allows."""
     from .sd3 import SD3Model
 
-    return SD3Model.from_pretrained(path if not Path(path).exists() else _existing_directory(path), resolution or 512)
+    return SD3Model.from_pretrained(_directory_or_hub_id(path), resolution or 512)
 
 
 @register_backend("flux")
@@ -48,4 +53,4 @@ def _load_flux(path: str, resolution: int) -> FlowModelAdapter:
     """FLUX.1 dev / schnell from a diffusers directory; a hub id is passed through where the network allows."""
     from .flux import FluxModel
 
-    return FluxModel.from_pretrained(path if not Path(path).exists() else _existing_directory(path), resolution or 512)
+    return FluxModel.from_pretrained(_directory_or_hub_id(path), resolution or 512)

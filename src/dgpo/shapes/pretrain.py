@@ -101,14 +101,9 @@ def reconstruction_pass_rate(model: ShapesModel, specs: list[PromptSpec], pixels
 
 
 @torch.no_grad()
-def encode_pool(model: ShapesModel, pixels: torch.Tensor) -> torch.Tensor:
-    """Unscaled posterior means of the pool's latents."""
-    return torch.cat([model.vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in pixels.split(1024)])
-
-
 def set_latent_scaling(model: ShapesModel, pixels: torch.Tensor) -> torch.Tensor:
     """Set SD3-style shift/scale so latents are ~zero-mean, unit-std. Returns the scaled posterior means."""
-    mean = encode_pool(model, pixels)
+    mean = torch.cat([model.vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in pixels.split(1024)])
     shift = mean.mean().item()
     scale = 1.0 / mean.std().item()
     model.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -166,8 +161,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> ShapesModel:
     log(f"pool of {len(specs)} renders built")
     if cfg.continue_from:
         model = ShapesModel.from_pretrained(cfg.continue_from)
-        scale, shift = model.vae.config.scaling_factor, model.vae.config.shift_factor
-        latent_mean = (encode_pool(model, pixels) - shift) * scale
+        with torch.no_grad():
+            latent_mean = torch.cat([model.encode_images(chunk) for chunk in pixels.split(1024)])
     else:
         model = ShapesModel.from_config(vocabulary())
         train_autoencoder(model, pixels, cfg, log)

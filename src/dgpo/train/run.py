@@ -16,7 +16,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..evaluation import SamplerSettings, result_dict, save_grid, shapes_eval  # noqa: E402
 from ..rewards import as_scores  # noqa: E402
 from ..shapes.prompts import CATEGORIES  # noqa: E402
-from ..shapes.verifier import verify  # noqa: E402
 from .config import Config  # noqa: E402
 from .loop import Trainer  # noqa: E402
 
@@ -37,10 +36,10 @@ def evaluate(trainer: Trainer, images_per_category: int, grid_path: Path | None 
     evaluation-only reward metrics (``eval.metrics``) on the same images."""
     swap = trainer.eval_ema.swapped_in() if trainer.eval_ema is not None else contextlib.nullcontext()
     with swap:
-        result, specs, images = shapes_eval(trainer.model, eval_settings(trainer.config), images_per_category, return_images=True)
+        result, specs, images, verdicts = shapes_eval(trainer.model, eval_settings(trainer.config), images_per_category, return_images=True)
     if grid_path is not None:
-        grid_images, labels, verdicts = grid_selection(specs, images)
-        save_grid(grid_images, labels, grid_path, passed=verdicts)
+        grid_images, labels, grid_verdicts = grid_selection(specs, images, verdicts)
+        save_grid(grid_images, labels, grid_path, passed=grid_verdicts)
     out = result_dict(result)
     texts, metadata = [s.prompt for s in specs], [s.to_metadata() for s in specs]
     for name, reward in trainer.eval_rewards.items():
@@ -76,10 +75,10 @@ def apply_guard(trainer: Trainer, before: dict, now: dict, log) -> None:
     now["guard"] = {"metric": e.guard_metric, "action": e.guard_action, "kl_beta": trainer.config.loss.kl_beta}
 
 
-def grid_selection(specs, images) -> tuple[torch.Tensor, list[str], list[bool]]:
-    """A few images for the first prompts of each category, in category order, with the verifier's verdicts."""
-    chosen, labels, verdicts, seen = [], [], [], {}
-    for spec, image in zip(specs, images):
+def grid_selection(specs, images, verdicts: list[bool]) -> tuple[torch.Tensor, list[str], list[bool]]:
+    """A few images for the first prompts of each category, in category order, with their verdicts."""
+    chosen, labels, chosen_verdicts, seen = [], [], [], {}
+    for spec, image, verdict in zip(specs, images, verdicts):
         prompts = seen.setdefault(spec.category, {})
         if spec.prompt not in prompts and len(prompts) >= GRID_PROMPTS_PER_CATEGORY:
             continue
@@ -87,8 +86,8 @@ def grid_selection(specs, images) -> tuple[torch.Tensor, list[str], list[bool]]:
         if prompts[spec.prompt] <= GRID_IMAGES_PER_PROMPT:
             chosen.append(image)
             labels.append(spec.prompt.replace("a photo of ", ""))
-            verdicts.append(verify(spec, image).passed)
-    return torch.stack(chosen), labels, verdicts
+            chosen_verdicts.append(verdict)
+    return torch.stack(chosen), labels, chosen_verdicts
 
 
 def plot_curves(history: list[dict], evals: list[dict], path: Path) -> None:
