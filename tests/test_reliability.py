@@ -169,6 +169,21 @@ def test_reward_failing_on_one_rank_stops_every_rank_with_one_checkpoint(tiny_mo
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_guard_stop_on_the_main_process_stops_every_rank(tiny_model_dir, tmp_path):
+    """The guard is evaluated on the main process only; without sharing its decision the other rank trains on and hangs."""
+    recipe = write_recipe(tmp_path, tiny_model_dir)
+    out = tmp_path / "run"
+    guard = ["eval.every=1", "eval.images_per_category=1", "eval.metrics=[jpeg_compressibility]",
+             "eval.guard_metric=jpeg_compressibility", "eval.guard_max_drop=1e-9", "run.max_steps=6", "data.micro_batch=2"]
+    process = start(tmp_path, recipe, out, *(arg for override in guard for arg in ("--set", override)), nproc=2)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-2000:]
+    assert "guard: jpeg_compressibility" in output
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert steps < 6
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, tmp_path, capsys):
     recipe = write_recipe(tmp_path, tiny_model_dir, reward="jpeg_incompressibility")
     out = tmp_path / "run"

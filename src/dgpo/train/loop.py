@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
@@ -485,6 +486,13 @@ class Trainer:
             with open(self.output / "metrics.jsonl", "w") as handle:
                 for metrics in self.counters.history:
                     handle.write(json.dumps(metrics) + "\n")
+
+    def share_guard_decision(self) -> None:
+        """The reward-hacking guard is evaluated on the main process; every process must stop, or
+        train with the raised KL weight, with it (otherwise the others wait in a collective)."""
+        if self.acc.num_processes > 1:
+            state = broadcast_object_list([self.guard_stopped, self.config.loss.kl_beta])
+            self.guard_stopped, self.config.loss.kl_beta = state
 
     def finished(self) -> bool:
         """run.max_steps reached, or run.max_seconds of training spent."""

@@ -155,6 +155,7 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
     def periodic(tr: Trainer, metrics: dict) -> None:
         if every and tr.counters.step % every == 0 and not tr.finished():
             run_eval(config.eval.images_per_category, f"step{tr.counters.step:05d}")
+            tr.share_guard_decision()
 
     status = trainer.train(resume=resume, on_step=periodic)
     summary = {"status": status, "steps": trainer.counters.step, "output_dir": str(out)}
