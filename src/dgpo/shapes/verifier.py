@@ -9,13 +9,22 @@ The rules, all in one place:
    edges are the colour blended with the background, so they keep the direction of
    their object's colour. A pixel whose best cosine is below ``MIN_COLOR_COSINE``
    is "unknown".
-3. **Objects**: 8-connected components of pixels of one colour; components smaller
-   than ``MIN_OBJECT_AREA`` pixels are specks and ignored. Unknown-colour components
-   are objects of unknown colour.
-4. **Shape**: the component's soft coverage (alpha = distance from background divided
-   by its colour's distance) inside its bounding box is compared with every shape's
-   ideal mask stretched to that box (soft IoU); best IoU >= ``MIN_SHAPE_IOU`` names
-   the shape, otherwise it is "unknown".
+3. **Objects**: 8-connected components of foreground pixels; components smaller than
+   ``MIN_OBJECT_AREA`` pixels are specks and ignored. Objects in the world never touch,
+   so a blob of two touching shapes is one object (and, not being near square or
+   matching any shape, of unknown shape). An object's colour is the palette colour of
+   more than ``MIN_COLOR_SHARE`` of its pixels, otherwise "unknown": a circle fading
+   from red to yellow is a circle, but neither a red nor a yellow one.
+4. **Shape**: the object's soft coverage (alpha = distance from background divided
+   by its pixel colour's distance) inside the box of its at-least-half-covered pixels is
+   compared with every shape's ideal mask stretched to that box (soft IoU). The best
+   match names the shape when all of these hold, otherwise the shape is "unknown":
+   best IoU >= ``MIN_SHAPE_IOU``; the box is near square (longer side at most
+   ``MAX_ASPECT`` times the shorter, or ``MAX_SIDE_SLACK`` px longer, since one pixel
+   is a large fraction of a small shape: the world draws every shape in a square box, so
+   a rectangle is not a square and a sausage is not a circle); and a circle needs IoU >= ``MIN_CIRCLE_IOU`` and a lead of
+   ``MIN_CIRCLE_MARGIN`` over the next shape, because any roundish blob matches the
+   circle best (rounded squares, soft triangles), and only a clear match is a circle.
 5. **Clauses** (GenEval's rules): an object clause holds when at least one object of
    that shape is found (counting: exactly N); a colour clause holds when every found
    object of that shape has that colour; a position clause compares the centroids of
@@ -38,6 +47,11 @@ FOREGROUND_DISTANCE = 60.0
 MIN_COLOR_COSINE = 0.93
 MIN_OBJECT_AREA = 10
 MIN_SHAPE_IOU = 0.6
+MAX_ASPECT = 1.3
+MAX_SIDE_SLACK = 2
+MIN_COLOR_SHARE = 0.5
+MIN_CIRCLE_IOU = 0.8
+MIN_CIRCLE_MARGIN = 0.05
 RELATION_MARGIN = 2.0
 
 _BG = np.asarray(BACKGROUND, dtype=np.float32)
@@ -82,21 +96,24 @@ def detect_objects(image) -> list[DetectedObject]:
     foreground = distance > FOREGROUND_DISTANCE
     cosine = (offset @ _COLOR_DIRS.T) / (distance[..., None] * _COLOR_NORMS + 1e-6)
     color_index = np.where(cosine.max(-1) >= MIN_COLOR_COSINE, cosine.argmax(-1), -1)
+    labels, _ = ndimage.label(foreground, structure=_EIGHT_CONNECTED)
     objects: list[DetectedObject] = []
-    for ci in range(-1, len(_COLOR_NAMES)):
-        labels, count = ndimage.label(foreground & (color_index == ci), structure=_EIGHT_CONNECTED)
-        for sl_index, sl in enumerate(ndimage.find_objects(labels), start=1):
-            component = labels[sl] == sl_index
-            area = int(component.sum())
-            if area < MIN_OBJECT_AREA:
-                continue
-            color_norm = _COLOR_NORMS[ci] if ci >= 0 else float(np.median(distance[sl][component]))
-            alpha = np.where(component, np.clip(distance[sl] / color_norm, 0.0, 1.0), 0.0)
-            shape, iou = classify_shape(_crop_to_half_coverage(alpha))
-            ys, xs = np.nonzero(component)
-            centroid = (float(xs.mean() + sl[1].start + 0.5), float(ys.mean() + sl[0].start + 0.5))
-            color = _COLOR_NAMES[ci] if ci >= 0 else "unknown"
-            objects.append(DetectedObject(shape, color, centroid, area, iou))
+    for sl_index, sl in enumerate(ndimage.find_objects(labels), start=1):
+        component = labels[sl] == sl_index
+        area = int(component.sum())
+        if area < MIN_OBJECT_AREA:
+            continue
+        colors = color_index[sl][component]
+        votes = np.bincount(colors[colors >= 0], minlength=len(_COLOR_NAMES))
+        ci = int(votes.argmax()) if votes.max() > MIN_COLOR_SHARE * area else -1
+        known = color_index[sl] >= 0
+        norms = np.where(known, _COLOR_NORMS[np.maximum(color_index[sl], 0)], float(np.median(distance[sl][component])))
+        alpha = np.where(component, np.clip(distance[sl] / norms, 0.0, 1.0), 0.0)
+        shape, iou = classify_shape(_crop_to_half_coverage(alpha))
+        ys, xs = np.nonzero(component)
+        centroid = (float(xs.mean() + sl[1].start + 0.5), float(ys.mean() + sl[0].start + 0.5))
+        color = _COLOR_NAMES[ci] if ci >= 0 else "unknown"
+        objects.append(DetectedObject(shape, color, centroid, area, iou))
     return objects
 
 
@@ -109,15 +126,19 @@ def _crop_to_half_coverage(alpha: np.ndarray) -> np.ndarray:
 
 
 def classify_shape(alpha: np.ndarray) -> tuple[str, float]:
-    """Best soft IoU of a bounding-box crop of coverage against each ideal shape mask."""
+    """Name the shape of a coverage crop (rule 4 of the module docstring); returns (shape, best soft IoU)."""
     h, w = alpha.shape
-    best_shape, best_iou = "unknown", 0.0
+    ious = {}
     for shape in SHAPES:
         template = shape_mask(shape, w, h)
-        iou = float(np.minimum(alpha, template).sum() / max(np.maximum(alpha, template).sum(), 1e-6))
-        if iou > best_iou:
-            best_shape, best_iou = shape, iou
-    return (best_shape if best_iou >= MIN_SHAPE_IOU else "unknown"), best_iou
+        ious[shape] = float(np.minimum(alpha, template).sum() / max(np.maximum(alpha, template).sum(), 1e-6))
+    best, runner_up = sorted(ious.values(), reverse=True)[:2]
+    shape = max(ious, key=ious.get)
+    near_square = max(h, w) <= max(MAX_ASPECT * min(h, w), min(h, w) + MAX_SIDE_SLACK)
+    clear = best >= MIN_SHAPE_IOU and near_square
+    if shape == "circle":
+        clear = clear and best >= MIN_CIRCLE_IOU and best - runner_up >= MIN_CIRCLE_MARGIN
+    return (shape if clear else "unknown"), best
 
 
 def _largest(objects: list[DetectedObject]) -> DetectedObject:
