@@ -1,6 +1,6 @@
-"""The SD3 and FLUX backends on tiny random-config pipelines built in the test (diffusers-style dummy
+"""The SD3, FLUX and SANA backends on tiny random-config pipelines built in the test (diffusers-style dummy
 components, local character-level tokenizers, no downloads): the adapter contract, one DGPO run end to
-end, and the exported LoRA loading into a fresh pipeline with ``load_lora_weights``."""
+end, the exported LoRA loading into a fresh pipeline with ``load_lora_weights``, and ``dgpo merge-lora``."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,36 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from peft import LoraConfig
 from tokenizers import Tokenizer, models
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
+from dgpo.cli import main
 from dgpo.models import load_model
+from dgpo.models.sana import pipeline_complex_human_instruction
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
 
@@ -48,14 +73,17 @@ def clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
                           num_hidden_layers=2, vocab_size=len(tokenizer), projection_dim=32)
 
 
-def build_sd3(root: Path) -> StableDiffusion3Pipeline:
+def build_sd3(root: Path, with_t5: bool = False) -> StableDiffusion3Pipeline:
+    """Without T5 (SD3 then feeds zeros in its place), or with a tiny one as in the released checkpoints."""
     tokenizer = character_clip_tokenizer(root / "clip-tokenizer")
+    t5_tokenizer = character_t5_tokenizer() if with_t5 else None
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4)) if with_t5 else None
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
                                           caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4),
         vae=tiny_vae(4),
         text_encoder=CLIPTextModelWithProjection(clip_config(tokenizer)), text_encoder_2=CLIPTextModelWithProjection(clip_config(tokenizer)),
-        text_encoder_3=None, tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder_3=t5, tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=t5_tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
 
 
@@ -71,22 +99,62 @@ def build_flux(root: Path) -> FluxPipeline:
     )
 
 
-BUILDERS = {"sd3": build_sd3, "flux": build_flux}
+def character_gemma_tokenizer() -> GemmaTokenizer:
+    """Gemma's BPE tokenizer with no merges over single characters ("▁" is the space), adding <bos> as Gemma does."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁", *CHARACTERS]
+    return GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, add_bos_token=True)
+
+
+def build_sana(root: Path) -> SanaPipeline:
+    """The components of diffusers' own SANA fast test, with a vocabulary that covers the prompts."""
+    tokenizer = character_gemma_tokenizer()
+    return SanaPipeline(
+        transformer=SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+                                           num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8, sample_size=16),
+        vae=AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                          decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                          encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                          decoder_layers_per_block=(1, 1), downsample_block_type="conv", upsample_block_type="interpolate",
+                          decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407),
+        text_encoder=Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                              num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                              attn_implementation="eager")),
+        tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+BUILDERS = {"sd3": build_sd3, "flux": build_flux, "sana": build_sana}
+
+
+def save_tiny(build, root: Path) -> Path:
+    torch.manual_seed(0)
+    build(root).save_pretrained(root / "pipeline")
+    return root / "pipeline"
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def backend(request, tmp_path_factory) -> tuple[str, Path]:
-    root = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    torch.manual_seed(0)
-    BUILDERS[request.param](root).save_pretrained(root / "pipeline")
-    return request.param, root / "pipeline"
+    return request.param, save_tiny(BUILDERS[request.param], tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def sana(tmp_path_factory) -> Path:
+    return save_tiny(build_sana, tmp_path_factory.mktemp("tiny-sana"))
+
+
+@pytest.fixture(scope="module")
+def sd3_with_t5(tmp_path_factory) -> Path:
+    return save_tiny(lambda root: build_sd3(root, with_t5=True), tmp_path_factory.mktemp("tiny-sd3-t5"))
 
 
 def pipeline_velocity(name: str, transformer, x: torch.Tensor, sigma: float, embeddings) -> torch.Tensor:
     """What each diffusers pipeline's denoising loop feeds its transformer, written out independently."""
-    hidden, pooled = embeddings
     t = torch.full((x.shape[0],), sigma * 1000.0)
     with torch.no_grad():
+        if name == "sana":
+            hidden, mask = embeddings
+            return transformer(x, encoder_hidden_states=hidden, encoder_attention_mask=mask, timestep=t * transformer.config.timestep_scale).sample
+        hidden, pooled = embeddings
         if name == "sd3":
             return transformer(hidden_states=x, encoder_hidden_states=hidden, pooled_projections=pooled, timestep=t).sample
         b, c, h, w = x.shape
@@ -145,3 +213,61 @@ def test_dgpo_trains_and_exports_a_lora_the_pipeline_loads(backend, tmp_path):
     trainer.model.transformer.eval()
     assert not torch.allclose(base, tuned)
     torch.testing.assert_close(tuned, pipeline_velocity(name, trainer.model.transformer, x, 0.7, embeddings))
+
+
+def test_sana_encodes_prompts_as_its_pipeline_does(sana):
+    """Prompts with the pipeline's default complex human instruction, "" without it (as the pipeline's negative
+    prompt), each with its padding mask, in input order."""
+    model = load_model("sana", str(sana), RESOLUTION)
+    hidden, mask = model.encode_prompts(["a red circle", "", "a blue square"])
+    cond, cond_mask, uncond, uncond_mask = model.pipeline.encode_prompt(
+        ["a red circle", "a blue square"], do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=300,
+        complex_human_instruction=pipeline_complex_human_instruction(),
+    )
+    torch.testing.assert_close(hidden, torch.stack([cond[0], uncond[0], cond[1]]))
+    assert torch.equal(mask, torch.stack([cond_mask[0], uncond_mask[0], cond_mask[1]]))
+    without_instruction = model.pipeline.encode_prompt(["a red circle"], do_classifier_free_guidance=False, complex_human_instruction=None)[0]
+    assert mask.shape == (3, 300) and int(mask[1].sum()) == 1 and not torch.allclose(hidden[0], without_instruction[0])
+
+
+def test_sana_latents_round_trip_through_the_autoencoder(sana):
+    """encode_images then decode is AutoencoderDC's own round trip, postprocessed as the pipeline does: the
+    scaling_factor cancels and there is no shift."""
+    model = load_model("sana", str(sana), RESOLUTION)
+    images = torch.rand(2, 3, RESOLUTION, RESOLUTION)
+    with torch.no_grad():
+        latents = model.encode_images(images)
+        decoded = model.decode(latents)
+        expected = model.pipeline.image_processor.postprocess(model.vae.decode(model.vae.encode(images * 2 - 1).latent).sample, output_type="pt")
+    assert latents.shape == (2, *model.latent_shape) and model.latent_shape == (4, RESOLUTION // 2, RESOLUTION // 2)
+    torch.testing.assert_close(decoded, expected)
+    assert load_model("sana", str(sana)).latent_shape == (4, 16, 16)
+
+
+def test_merge_lora_saves_a_pipeline_with_the_lora_fused(sd3_with_t5, tmp_path, capsys):
+    model = load_model("sd3", str(sd3_with_t5), RESOLUTION)
+    torch.manual_seed(1)
+    model.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=model.lora_target_modules, init_lora_weights=False))
+    model.save_lora(tmp_path / "run" / "adapter")
+
+    assert main(["merge-lora", "--backend", "sd3", "--model", str(sd3_with_t5), "--lora", str(tmp_path / "run"), "--output", str(tmp_path / "merged")]) == 0
+    merged = DiffusionPipeline.from_pretrained(str(tmp_path / "merged"))
+    assert isinstance(merged, StableDiffusion3Pipeline) and not any("lora" in n for n, _ in merged.transformer.named_parameters())
+    pipeline = StableDiffusion3Pipeline.from_pretrained(str(sd3_with_t5))
+    x = torch.randn(2, *model.latent_shape)
+    embeddings = model.encode_prompts(["a red circle", "a blue square"])
+    base = pipeline_velocity("sd3", pipeline.transformer, x, 0.7, embeddings)
+    pipeline.load_lora_weights(str(tmp_path / "run" / "adapter"))
+    merged_velocity = pipeline_velocity("sd3", merged.transformer, x, 0.7, embeddings)
+    torch.testing.assert_close(merged_velocity, pipeline_velocity("sd3", pipeline.transformer, x, 0.7, embeddings), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(merged_velocity, base, atol=1e-3)
+
+    capsys.readouterr()
+    assert main(["merge-lora", "--backend", "sd3", "--model", str(tmp_path / "missing"), "--lora", str(tmp_path / "run"), "--output", str(tmp_path / "o")]) == 2
+    assert main(["merge-lora", "--backend", "sd3", "--model", str(sd3_with_t5), "--lora", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert main(["merge-lora", "--backend", "shapes", "--model", str(sd3_with_t5), "--lora", str(tmp_path / "run"), "--output", str(tmp_path / "o")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [f"dgpo: error: model directory {str(tmp_path / 'missing')!r} does not exist",
+                      (f"dgpo: error: no LoRA at {str(tmp_path)!r}: expected pytorch_lora_weights.safetensors, a directory holding it, "
+                       "or a run directory with adapter/pytorch_lora_weights.safetensors"),
+                      "dgpo: error: merge-lora takes the backends sd3, flux, sana (diffusers pipelines), not 'shapes'"]

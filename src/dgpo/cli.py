@@ -1,4 +1,4 @@
-"""`dgpo` command line: train, eval, sample, pretrain-shapes, rewards, serve-reward.
+"""`dgpo` command line: train, eval, sample, pretrain-shapes, rewards, serve-reward, merge-lora.
 
 Errors a user can fix (config typos, missing files, bad prompts, corrupt checkpoints)
 are printed as one line, ``dgpo: error: ...``, with exit status 2.
@@ -164,6 +164,16 @@ def cmd_serve_reward(args) -> int:
     return 0
 
 
+def cmd_merge_lora(args) -> int:
+    import torch
+
+    from .models.merge import merge_lora
+
+    output = merge_lora(args.backend, args.model, args.lora, args.output, getattr(torch, args.dtype))
+    print(f"wrote {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgpo", description="Direct Group Preference Optimization for flow-matching text-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE", help="reward factory option (repeatable), e.g. --option model=/weights/pickscore")
     p.set_defaults(fn=cmd_serve_reward)
+
+    p = sub.add_parser("merge-lora", help="fuse a trained LoRA into its base model and save the whole pipeline",
+                       description="Load the diffusers pipeline, fuse the LoRA into its transformer and save_pretrained the result, "
+                                   "which DiffusionPipeline.from_pretrained loads without dgpo or peft.")
+    p.add_argument("--backend", required=True, help="the model's backend: sd3, flux or sana")
+    p.add_argument("--model", required=True, help="base model directory (diffusers format)")
+    p.add_argument("--lora", required=True, help="pytorch_lora_weights.safetensors, the adapter directory holding it, or a `dgpo train` run directory")
+    p.add_argument("--output", required=True, help="directory to write the merged pipeline to")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="precision of the saved weights; the fusion itself is done in float32 (default: float32)")
+    p.set_defaults(fn=cmd_merge_lora)
     return parser
 
 

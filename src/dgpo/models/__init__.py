@@ -4,8 +4,8 @@ A backend is a loader ``(path, resolution) -> adapter``; resolution 0 means the 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..registry import Registry
 from .base import FlowModelAdapter
@@ -54,3 +54,12 @@ def _load_flux(path: str, resolution: int) -> FlowModelAdapter:
     from .flux import FluxModel
 
     return FluxModel.from_pretrained(_directory_or_hub_id(path), resolution or 512)
+
+
+@register_backend("sana")
+def _load_sana(path: str, resolution: int) -> FlowModelAdapter:
+    """SANA from a diffusers directory (resolution 0: the checkpoint's native size); a hub id is passed
+    through where the network allows."""
+    from .sana import SanaModel
+
+    return SanaModel.from_pretrained(_directory_or_hub_id(path), resolution)

@@ -39,7 +39,8 @@ class FlowModelAdapter(Protocol):
         """Latents to images, float (B, 3, H, W) in [0, 1]."""
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] to latents (the mean of the VAE posterior)."""
+        """Images (B, 3, H, W) in [0, 1] to latents (the mean of the VAE posterior, or a deterministic
+        autoencoder's encoding)."""
 
     def save_lora(self, path) -> None:
         """Save the transformer's LoRA adapter in the format the model's diffusers pipeline loads."""

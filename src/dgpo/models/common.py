@@ -1,8 +1,9 @@
-"""Implementation shared by the diffusers backends: AutoencoderKL latents, LoRA export, pipeline loading.
+"""Implementation shared by the diffusers backends: LoRA export, AutoencoderKL latents, pipeline loading.
 
 The flow-model specifics (token packing, timestep scale, keyword names) stay in each backend's
-``velocity``; what every backend built on a diffusers ``AutoencoderKL`` and pipeline does the same
-way lives here.
+``velocity``; what every backend built on a diffusers pipeline does the same way lives here, and
+what the ``AutoencoderKL`` backends (SD3, FLUX, ShapesEval) share on top of that in ``VAELatents``
+(SANA's ``AutoencoderDC`` has its own latents).
 """
 from __future__ import annotations
 
@@ -15,12 +16,9 @@ import torch
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
-class VAELatents:
-    """Decoding, encoding and LoRA export for a backend with ``transformer`` and an ``AutoencoderKL`` ``vae``.
-
-    Latents are the VAE posterior scaled as ``(z - shift_factor) * scaling_factor``; the LoRA is saved in
-    the format of the diffusers pipeline named by ``pipeline_class`` so its ``load_lora_weights`` loads it.
-    """
+class PipelineLoRA:
+    """LoRA export for a backend with a ``transformer``: saved in the format of the diffusers pipeline
+    named by ``pipeline_class``, so that pipeline's ``load_lora_weights`` loads it."""
 
     lora_target_modules = ATTENTION_PROJECTIONS
     pipeline_class = "StableDiffusion3Pipeline"
@@ -28,16 +26,6 @@ class VAELatents:
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        images = self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor).sample
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        mean = self.vae.encode((images * 2.0 - 1.0).to(self.vae.dtype)).latent_dist.mean
-        return (mean - cfg.shift_factor) * cfg.scaling_factor
 
     def save_lora(self, path: str | Path) -> None:
         """The transformer's LoRA in the pipeline's format; the metadata carries lora_alpha (without it
@@ -51,6 +39,21 @@ class VAELatents:
         )
 
 
+class VAELatents(PipelineLoRA):
+    """Decoding and encoding for a backend with an ``AutoencoderKL`` ``vae``: latents are the VAE posterior
+    scaled as ``(z - shift_factor) * scaling_factor``."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        images = self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor).sample
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        mean = self.vae.encode((images * 2.0 - 1.0).to(self.vae.dtype)).latent_dist.mean
+        return (mean - cfg.shift_factor) * cfg.scaling_factor
+
+
 def _absent_components(path: str | Path) -> dict[str, None]:
     """Components a local model_index.json lists as null (e.g. SD3 without T5), which diffusers
     wants passed explicitly as None."""
@@ -61,14 +64,14 @@ def _absent_components(path: str | Path) -> dict[str, None]:
     return {name: None for name, entry in entries.items() if isinstance(entry, list) and entry == [None, None]}
 
 
-class PipelineAdapter(VAELatents):
+class PipelineAdapter(PipelineLoRA):
     """A backend wrapping a whole diffusers pipeline (text encoders, transformer, VAE), frozen."""
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
-        self.vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        self.vae_scale = pipeline.vae_scale_factor
 
     @classmethod
     def load_pipeline(cls, path: str | Path, torch_dtype: torch.dtype | None = None):
@@ -79,6 +82,6 @@ class PipelineAdapter(VAELatents):
                 module.eval().requires_grad_(False)
         return pipeline
 
-    def to(self, device: torch.device | str) -> "PipelineAdapter":
+    def to(self, device: torch.device | str) -> PipelineAdapter:
         self.pipeline.to(device)
         return self

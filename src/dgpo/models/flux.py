@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from .base import PromptEmbeddings
-from .common import PipelineAdapter
+from .common import PipelineAdapter, VAELatents
 
 
-class FluxModel(PipelineAdapter):
+class FluxModel(VAELatents, PipelineAdapter):
     """Adapter for FLUX.1 (see ``dgpo.models.base.FlowModelAdapter``)."""
 
     pipeline_class = "FluxPipeline"
@@ -30,7 +30,7 @@ class FluxModel(PipelineAdapter):
         self.max_sequence_length = max_sequence_length
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, resolution: int = 512, torch_dtype: torch.dtype | None = None) -> "FluxModel":
+    def from_pretrained(cls, path: str | Path, resolution: int = 512, torch_dtype: torch.dtype | None = None) -> FluxModel:
         return cls(cls.load_pipeline(path, torch_dtype), resolution)
 
     @property
