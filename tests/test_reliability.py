@@ -34,7 +34,8 @@ def test_jpeg():
     def score(images, prompts, metadata):
         calls["n"] += 1
         time.sleep(float(os.environ.get("TEST_REWARD_DELAY", "0")))
-        if os.environ.get("TEST_FAIL_RANK") == os.environ.get("RANK", "0") and calls["n"] == 2:
+        # The test that sets TEST_FAIL_RANK runs two micro-batches (two calls) per step on each rank: fail in step 2.
+        if os.environ.get("TEST_FAIL_RANK") == os.environ.get("RANK", "0") and calls["n"] == 3:
             raise OSError("scorer lost its weights")
         return inner(images, prompts, metadata)
     return score

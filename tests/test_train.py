@@ -238,24 +238,76 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, algorithm):
         torch.testing.assert_close(two["params"][name], value, rtol=1e-4, atol=1e-5)
 
 
-def test_crashing_reward_stops_with_its_name_and_keeps_a_checkpoint(tiny_model_dir, tmp_path):
+def test_background_reward_scoring_trains_exactly_like_inline_scoring(tiny_model_dir, tmp_path):
+    runs = {}
+    for background in (True, False):
+        trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / str(background), **{"reward.background": background})))
+        trainer.train()
+        runs[background] = (trainable_state(trainer), trainer.counters.history)
+    (weights_bg, history_bg), (weights_inline, history_inline) = runs[True], runs[False]
+    assert all(torch.equal(weights_bg[n], weights_inline[n]) for n in weights_bg)
+    for a, b in zip(history_bg, history_inline):
+        assert (a["reward_mean"], a["preference_loss"], a["grad_norm"]) == (b["reward_mean"], b["preference_loss"], b["grad_norm"])
+
+
+def test_reward_scores_a_chunk_while_the_next_chunk_is_generated(tiny_model_dir, tmp_path):
+    """The first micro-batch's reward waits until the second micro-batch has been generated: only
+    possible when scoring runs beside generation (inline, it would time out and fail the step)."""
+    import threading
+
+    from dgpo.rewards import REWARDS, register_reward
+
+    second_chunk_generated = threading.Event()
+    reward_threads = []
+
+    def waits_for_the_next_chunk():
+        def reward(images, prompts, metadata):
+            reward_threads.append(threading.current_thread().name)
+            if len(reward_threads) == 1 and not second_chunk_generated.wait(timeout=20):
+                raise TimeoutError("the second chunk was not generated while the first was scored")
+            return [float(img.mean()) for img in images]
+
+        return reward
+
+    register_reward("test_waiting")(waits_for_the_next_chunk)
+    try:
+        trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"reward.weights": {"test_waiting": 1.0}, "run.max_steps": 1})))
+        generate_chunk = trainer._generate_chunk
+        chunks = []
+
+        def recording_generate_chunk(*args):
+            chunks.append(generate_chunk(*args))
+            if len(chunks) == 2:
+                second_chunk_generated.set()
+            return chunks[-1]
+
+        trainer._generate_chunk = recording_generate_chunk
+        assert trainer.train() == 0
+    finally:
+        REWARDS.unregister("test_waiting")
+    assert len(reward_threads) == 2 and all(name.startswith("dgpo-reward") for name in reward_threads)
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "inline"])
+def test_crashing_reward_stops_with_its_name_and_keeps_a_checkpoint(tiny_model_dir, tmp_path, background):
     from dgpo.rewards import REWARDS, register_reward
     from dgpo.train.loop import RewardFailure
 
     calls = {"n": 0}
 
-    def crash_on_second_call():
+    def crash_in_second_step():
         def reward(images, prompts, metadata):
             calls["n"] += 1
-            if calls["n"] == 2:
+            if calls["n"] == 3:  # two calls per step, one per micro-batch: the first of step 2
                 raise OSError("model file vanished")
             return [float(i) for i in range(len(images))]
 
         return reward
 
-    register_reward("test_crashing")(crash_on_second_call)
+    register_reward("test_crashing")(crash_in_second_step)
     try:
-        trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"reward.weights": {"test_crashing": 1.0}, "run.save_every": 0, "run.max_steps": 3})))
+        overrides = {"reward.weights": {"test_crashing": 1.0}, "run.save_every": 0, "run.max_steps": 3, "reward.background": background}
+        trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)))
         with pytest.raises(RewardFailure, match="test_crashing.*model file vanished"):
             trainer.train()
     finally:
@@ -269,7 +321,7 @@ def test_rewards_mostly_nan_for_several_steps_stop_training_naming_the_reward(ti
 
     def mostly_nan():
         def reward(images, prompts, metadata):
-            return [1.0, 2.0] + [float("nan")] * (len(images) - 2)
+            return [float(len(images))] + [float("nan")] * (len(images) - 1)  # one valid score per micro-batch of 4
 
         return reward
 

@@ -69,6 +69,8 @@ class RewardConfig:
     advantage_clip: float = _help("clip advantages to +-this (0 = off)", default=5.0)
     max_invalid_fraction: float = _help("a step is bad when more than this fraction of its rewards are NaN/inf", default=0.5)
     max_bad_steps: int = _help("stop (with a checkpoint) after this many consecutive bad steps (0 = never)", default=3)
+    background: bool = _help("score each rollout micro-batch on a worker thread while the next one is generated "
+                             "(a reward sees one micro-batch per call either way)", default=True)
 
 
 @dataclass

@@ -13,6 +13,8 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,50 @@ class Rollout:
     prompts: list[Prompt]
     trajectory: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None
+
+    def split(self, size: int) -> list[Rollout]:
+        return [self._part(slice(start, start + size)) for start in range(0, len(self.sample_ids), size)]
+
+    def _part(self, index: slice) -> Rollout:
+        def part(tensor):
+            return None if tensor is None else tensor[index]
+
+        return Rollout(self.sample_ids[index], self.latents[index], self.images[index], self.prompts[index], part(self.trajectory), part(self.log_probs))
+
+    @staticmethod
+    def cat(parts: list[Rollout]) -> Rollout:
+        def cat(tensors):
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        return Rollout(
+            [i for p in parts for i in p.sample_ids], torch.cat([p.latents for p in parts]), torch.cat([p.images for p in parts]),
+            [q for p in parts for q in p.prompts], cat([p.trajectory for p in parts]), cat([p.log_probs for p in parts]),
+        )
+
+
+class ChunkScoring:
+    """A step's rewards, scored chunk by chunk as the rollout decodes them: inline, or on a worker
+    thread while the next chunk is generated. A failure is held until ``results`` so that every
+    process still reaches the step's collective failure check."""
+
+    def __init__(self, score_chunk: Callable[[Rollout], dict[str, np.ndarray]], executor: ThreadPoolExecutor | None):
+        self._score_chunk = score_chunk
+        self._executor = executor
+        self._pending: list[Future] = []
+
+    def submit(self, chunk: Rollout) -> None:
+        if self._executor is not None:
+            self._pending.append(self._executor.submit(self._score_chunk, chunk))
+            return
+        done: Future = Future()
+        try:
+            done.set_result(self._score_chunk(chunk))
+        except RewardFailure as exc:
+            done.set_exception(exc)
+        self._pending.append(done)
+
+    def results(self) -> list[dict[str, np.ndarray]]:
+        return [future.result() for future in self._pending]
 
 
 @dataclass
@@ -116,6 +162,7 @@ class Trainer:
         self.guard_stopped = False
         self._writer = None
         self._wandb = None
+        self._reward_executor: ThreadPoolExecutor | None = None
 
     # ----- helpers -------------------------------------------------------------------------
     def _embed(self, texts: list[str]) -> PromptEmbeddings:
@@ -158,23 +205,35 @@ class Trainer:
         return self._embed([""] * count)
 
     # ----- the four phases -------------------------------------------------------------------
-    def rollout(self, step: int, step_prompts: list[Prompt], sample_ids: list[int]) -> Rollout:
+    def rollout(self, step: int, step_prompts: list[Prompt], sample_ids: list[int], on_chunk: Callable[[Rollout], None] | None = None) -> Rollout:
         """This process's samples: online from the policy (its EMA after ema_after steps), or offline
-        from a pool of reference-model samples generated once (rollout.offline_pool)."""
+        from a pool of reference-model samples generated once (rollout.offline_pool). Generated one
+        micro-batch at a time; ``on_chunk`` receives each chunk as soon as it is decoded."""
+        on_chunk = on_chunk or (lambda chunk: None)
         pool = self.config.rollout.offline_pool
         if not pool:
             use_ema = 0 <= self.config.rollout.ema_after <= step
             with self.rollout_ema.swapped_in() if use_ema else contextlib.nullcontext():
-                return self._generate(step, step_prompts, sample_ids)
+                return self._generate(step, step_prompts, sample_ids, on_chunk)
         slot = step % pool
         if slot not in self._offline_rollouts:
             slot_prompts = self.prompts.for_step(self.config.run.seed, slot, self.layout.groups_per_step)
             with self.reference_model():
-                self._offline_rollouts[slot] = self._generate(slot, slot_prompts, sample_ids)
+                self._offline_rollouts[slot] = self._generate(slot, slot_prompts, sample_ids, on_chunk)
+            return self._offline_rollouts[slot]
+        for chunk in self._offline_rollouts[slot].split(self.layout.micro_batch):
+            on_chunk(chunk)
         return self._offline_rollouts[slot]
 
+    def _generate(self, step: int, step_prompts: list[Prompt], sample_ids: list[int], on_chunk: Callable[[Rollout], None]) -> Rollout:
+        chunks = []
+        for start in range(0, len(sample_ids), self.layout.micro_batch):
+            chunks.append(self._generate_chunk(step, step_prompts, sample_ids[start : start + self.layout.micro_batch]))
+            on_chunk(chunks[-1])
+        return Rollout.cat(chunks)
+
     @torch.no_grad()
-    def _generate(self, step: int, step_prompts: list[Prompt], sample_ids: list[int]) -> Rollout:
+    def _generate_chunk(self, step: int, step_prompts: list[Prompt], sample_ids: list[int]) -> Rollout:
         """Sample with the current weights: an ODE solver, or the SDE with per-step noise keyed per sample."""
         r = self.config.rollout
         G = self.layout.group_size
@@ -199,19 +258,34 @@ class Trainer:
         log_probs = out.log_probs.float() if out.log_probs is not None else None
         return Rollout(sample_ids, latents, images, prompts, trajectory, log_probs)
 
-    def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted rewards of the local samples; NaN where no reward applies or a reward failed."""
-        texts = [p.text for p in rollout.prompts]
-        metadata = [p.metadata for p in rollout.prompts]
-        per_reward, logs = {}, {}
+    def start_scoring(self) -> ChunkScoring:
+        executor = None
+        if self.config.reward.background:
+            if self._reward_executor is None:
+                self._reward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dgpo-reward")
+            executor = self._reward_executor
+        return ChunkScoring(self.score_chunk, executor)
+
+    def score_chunk(self, chunk: Rollout) -> dict[str, np.ndarray]:
+        """Each reward's scores of one chunk; NaN where a reward does not apply or returned NaN/inf."""
+        texts = [p.text for p in chunk.prompts]
+        metadata = [p.metadata for p in chunk.prompts]
+        per_reward = {}
         for name, fn in self.rewards.items():
             try:
-                scores = as_scores(fn(rollout.images, texts, metadata), len(texts), name)
+                scores = as_scores(fn(chunk.images, texts, metadata), len(texts), name)
             except Exception as exc:  # a crashing reward must name itself, never poison advantages
                 raise RewardFailure(f"reward {name!r} failed: {type(exc).__name__}: {exc}") from exc
-            logs[f"invalid/{name}"] = int((~np.isfinite(scores)).sum())
-            scores = np.where(np.isfinite(scores), scores, np.nan)
+            per_reward[name] = np.where(np.isfinite(scores), scores, np.nan)
+        return per_reward
+
+    def score(self, chunk_scores: list[dict[str, np.ndarray]]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted rewards of the local samples (chunks in order); NaN where no reward applies or a reward failed."""
+        per_reward, logs = {}, {}
+        for name in self.rewards:
+            scores = np.concatenate([chunk[name] for chunk in chunk_scores])
             per_reward[name] = scores
+            logs[f"invalid/{name}"] = int(np.isnan(scores).sum())
             logs[f"reward/{name}"] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
         total = combine_rewards(per_reward, self.config.reward.weights)
         return torch.tensor(total, dtype=torch.float32), logs
@@ -356,11 +430,12 @@ class Trainer:
         start = time.perf_counter()
         step_prompts = self.prompts.for_step(self.config.run.seed, step, self.layout.groups_per_step)
         sample_ids = [i for ids in self.layout.local_samples() for i in ids]
-        rollout = self.rollout(step, step_prompts, sample_ids)
+        scoring = self.start_scoring()
+        rollout = self.rollout(step, step_prompts, sample_ids, on_chunk=scoring.submit)
         t_rollout = time.perf_counter()
         failure = None
         try:
-            local_rewards, reward_logs = self.score(rollout)
+            local_rewards, reward_logs = self.score(scoring.results())
         except RewardFailure as exc:
             failure = exc
         self.raise_if_any_process_failed(failure)
@@ -484,8 +559,7 @@ class Trainer:
         """After a resume the JSONL log holds exactly the restored history (later lines were never checkpointed)."""
         if self.acc.is_main_process:
             with open(self.output / "metrics.jsonl", "w") as handle:
-                for metrics in self.counters.history:
-                    handle.write(json.dumps(metrics) + "\n")
+                handle.writelines(json.dumps(metrics) + "\n" for metrics in self.counters.history)
 
     def share_guard_decision(self) -> None:
         """The reward-hacking guard is evaluated on the main process; every process must stop, or
@@ -536,4 +610,7 @@ class Trainer:
                 signal.signal(sig, handler)
             if self._writer is not None:
                 self._writer.flush()
+            if self._reward_executor is not None:
+                self._reward_executor.shutdown(wait=True)
+                self._reward_executor = None
         return 0
