@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from .optim import OPTIMIZERS
+
 
 class ConfigError(ValueError):
     """A configuration problem, stated in one line."""
@@ -91,6 +93,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: str = _help("adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: moments of tensors with 4096+ elements "
+                           "kept in 8 bits, about 75% less optimizer memory; pip install bitsandbytes)", default="adamw")
     lr: float = _help("AdamW learning rate", default=3e-4)
     weight_decay: float = _help("AdamW weight decay", default=1e-4)
     betas: tuple[float, float] = _help("AdamW betas", default=(0.9, 0.999))
@@ -174,6 +178,7 @@ class Config:
             (m.resolution >= 0, f"model.resolution must be >= 0 (0 = the backend's default), got {m.resolution}"),
             (m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}"),
             (m.mixed_precision in ("no", "fp16", "bf16"), f"model.mixed_precision must be no, fp16 or bf16, got {m.mixed_precision!r}"),
+            (self.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optim.optimizer!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.run.max_seconds >= 0, f"run.max_seconds must be >= 0 (0 = no limit), got {self.run.max_seconds}"),
             (self.run.max_steps >= 0, f"run.max_steps must be >= 0, got {self.run.max_steps}"),

@@ -35,6 +35,7 @@ from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import GroupLayout, Prompt, PromptSource
 from .ema import ParameterEMA
+from .optim import optimizer_class
 
 PREEMPTED_EXIT_CODE = 75
 
@@ -136,6 +137,7 @@ class Trainer:
         self.layout = GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, self.acc.num_processes, self.acc.process_index)
         self.algorithm = get_algorithm(config.loss.algorithm)
         self.advantage_fn = get_advantage(self.algorithm.advantages or config.reward.advantage)
+        make_optimizer = optimizer_class(config.optim.optimizer)
         if self.algorithm.needs_trajectory and config.rollout.offline_pool:
             raise ValueError(f"loss.algorithm={config.loss.algorithm} needs the rollout model's own log-probs; it cannot train offline (rollout.offline_pool)")
         self._offline_rollouts: dict[int, Rollout] = {}
@@ -153,7 +155,7 @@ class Trainer:
             self.model.transformer.enable_gradient_checkpointing()
         self.reference_transformer = None if config.model.lora_rank > 0 else copy.deepcopy(self.model.transformer).requires_grad_(False)
         o = config.optim
-        self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer([p for _, p in self.trainable], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.rollout_ema = ParameterEMA(self.trainable, config.rollout.ema_decay)
         self.eval_ema = ParameterEMA(self.trainable, config.eval.ema_decay) if config.eval.ema_decay > 0 else None
         self.counters = StepCounters()
