@@ -1,13 +1,16 @@
-"""Memory options: bitsandbytes' 8-bit AdamW (trains, resumes exactly, a one-line error when absent)."""
+"""Memory options: bitsandbytes' 8-bit AdamW (trains, resumes exactly, a one-line error when absent) and
+text encoders offloaded to the CPU once the prompts are cached (later prompts still encode, identically)."""
 from __future__ import annotations
 
 import sys
 
 import pytest
 import torch
+from test_diffusers_backends import BUILDERS, RESOLUTION, build_sd3, save_tiny
 from test_train import tiny_overrides, trainable_state
 
 from dgpo.cli import main
+from dgpo.models import load_model
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
 
@@ -52,3 +55,49 @@ def test_unknown_optimizer_is_a_config_error():
 
     with pytest.raises(ConfigError, match="optim.optimizer must be adamw or adamw8bit, got 'adam8bit'"):
         load_config(None, ["optim.optimizer=adam8bit"])
+
+
+@pytest.fixture(scope="module")
+def sd3_with_t5(tmp_path_factory):
+    return save_tiny(lambda root: build_sd3(root, with_t5=True), tmp_path_factory.mktemp("tiny-sd3-t5"))
+
+
+def test_offloaded_text_encoders_still_encode_a_new_prompt_identically(sd3_with_t5, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    overrides = {
+        "model.backend": "sd3", "model.path": str(sd3_with_t5), "model.resolution": RESOLUTION, "model.lora_rank": 4,
+        "model.offload_text_encoders": True, "data.prompts": str(prompts), "data.group_size": 4, "data.groups_per_step": 2,
+        "data.micro_batch": 4, "rollout.num_steps": 2, "loss.grid_points": 2, "run.max_steps": 1, "run.save_every": 0,
+        "run.tensorboard": False, "run.output_dir": str(tmp_path / "run"), "run.threads": 1, "reward.weights": {"jpeg_incompressibility": 1.0},
+    }
+    trainer = Trainer(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+    encoders = trainer.model.text_encoders()
+    pipeline = trainer.model.pipeline
+    assert encoders == [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
+    assert all(p.device.type == "cpu" for encoder in encoders for p in encoder.parameters())
+    assert set(trainer._embedding_cache) == {"a red circle", "a blue square", ""}
+    assert trainer.train() == 0
+    new = trainer._embed(["a green triangle"])  # not cached: encoded now, by the offloaded encoders
+    expected = load_model("sd3", str(sd3_with_t5), RESOLUTION).encode_prompts(["a green triangle"])
+    assert all(torch.equal(a, b) for a, b in zip(new, expected))
+
+
+@pytest.mark.parametrize("backend", ["shapes", *sorted(BUILDERS)])
+def test_prompts_are_encoded_on_the_text_encoders_device_and_returned_on_the_transformers(backend, tiny_model_dir, tmp_path):
+    """With the transformer elsewhere than the text encoders (the meta device stands in for the accelerator
+    the CPU-resident encoders were offloaded from), the adapter encodes where the encoders are."""
+    path = tiny_model_dir if backend == "shapes" else save_tiny(BUILDERS[backend], tmp_path)
+    model = load_model(backend, str(path), 0 if backend == "shapes" else RESOLUTION)
+    on_cpu = model.encode_prompts(["a red circle", ""])
+    model.transformer.to("meta")
+    input_devices = []
+
+    def record(module, args, kwargs):
+        input_devices.extend(t.device.type for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+
+    for encoder in model.text_encoders():
+        encoder.register_forward_pre_hook(record, with_kwargs=True)
+    elsewhere = model.encode_prompts(["a red circle", ""])
+    assert input_devices and set(input_devices) == {"cpu"}
+    assert all(e.device.type == "meta" and e.shape == c.shape and e.dtype == c.dtype for e, c in zip(elsewhere, on_cpu))

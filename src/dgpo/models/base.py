@@ -29,8 +29,13 @@ class FlowModelAdapter(Protocol):
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one latent sample, without the batch dimension."""
 
+    def text_encoders(self) -> list[nn.Module]:
+        """The prompt encoders. They may sit on another device than the transformer (the CPU, after
+        ``model.offload_text_encoders``): prompts are encoded where they are."""
+
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
-        """Text-encode prompts (no gradient); the empty string is the unconditional prompt."""
+        """Text-encode prompts (no gradient) on the text encoders' device; returned on the transformer's
+        device. The empty string is the unconditional prompt."""
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeddings: PromptEmbeddings) -> torch.Tensor:
         """Predicted velocity at noise level sigma (B,), in [0, 1]."""

@@ -27,6 +27,12 @@ class PipelineLoRA:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def text_encoder_device(self) -> torch.device:
+        """Where prompts are encoded: the text encoders' device, which is not the transformer's once
+        ``model.offload_text_encoders`` has moved them to the CPU."""
+        return next(self.text_encoders()[0].parameters()).device
+
     def save_lora(self, path: str | Path) -> None:
         """The transformer's LoRA in the pipeline's format; the metadata carries lora_alpha (without it
         the loader assumes alpha = rank and rescales)."""
@@ -81,6 +87,10 @@ class PipelineAdapter(PipelineLoRA):
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False)
         return pipeline
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text_encoder, text_encoder_2, ... that it has (SD3 may come without T5)."""
+        return [module for name, module in self.pipeline.components.items() if name.startswith("text_encoder") and module is not None]
 
     def to(self, device: torch.device | str) -> PipelineAdapter:
         self.pipeline.to(device)

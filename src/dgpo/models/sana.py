@@ -75,12 +75,12 @@ class SanaModel(PipelineAdapter):
             for indices, instruction in zip(groups, (self.complex_human_instruction, None)):
                 if indices:
                     hidden, mask, _, _ = self.pipeline.encode_prompt(
-                        [prompts[i] for i in indices], do_classifier_free_guidance=False, device=self.device,
+                        [prompts[i] for i in indices], do_classifier_free_guidance=False, device=self.text_encoder_device,
                         max_sequence_length=self.max_sequence_length, complex_human_instruction=instruction,
                     )
                     parts.append((hidden, mask))
         order = torch.tensor(groups[0] + groups[1])
-        return index_embeddings(cat_embeddings(parts), torch.argsort(order))
+        return tuple(e.to(self.device) for e in index_embeddings(cat_embeddings(parts), torch.argsort(order)))
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeddings: PromptEmbeddings) -> torch.Tensor:
         hidden, mask = embeddings

@@ -48,7 +48,7 @@ class SD3Model(MMDiTLatents, PipelineAdapter):
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
         with torch.no_grad():
             hidden, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+                prompt=prompts, prompt_2=None, prompt_3=None, device=self.text_encoder_device,
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             )
-        return (hidden, pooled)
+        return (hidden.to(self.device), pooled.to(self.device))

@@ -166,9 +166,12 @@ class ShapesModel(MMDiTLatents):
     def latent_size(self) -> int:
         return self.transformer.config.sample_size
 
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
+
     def text_features(self, token_ids: torch.Tensor) -> PromptEmbeddings:
-        out = self.text_encoder(input_ids=token_ids.to(self.device))
-        return (out.last_hidden_state, out.pooler_output)
+        out = self.text_encoder(input_ids=token_ids.to(self.text_encoder_device))
+        return (out.last_hidden_state.to(self.device), out.pooler_output.to(self.device))
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
         with torch.no_grad():

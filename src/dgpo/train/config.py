@@ -38,6 +38,8 @@ class ModelConfig:
     lora_targets: list[str] = _help("module names LoRA wraps; empty = the adapter's attention projections", default_factory=list)
     mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", default="no")
     gradient_checkpointing: bool = _help("recompute transformer activations in the backward pass (less memory, ~30% slower)", default=False)
+    offload_text_encoders: bool = _help("move the text encoders to the CPU once every training prompt is encoded and cached (accelerator "
+                                        "memory then holds the transformer and VAE); a prompt encoded later is encoded on the CPU", default=False)
 
 
 @dataclass

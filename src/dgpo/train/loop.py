@@ -148,6 +148,9 @@ class Trainer:
         self.model = load_model(config.model.backend, config.model.path, config.model.resolution).to(self.acc.device)
         self._embedding_cache: dict[str, PromptEmbeddings] = {}
         self._embed([p.text for p in self.prompts.prompts] + [""])
+        if config.model.offload_text_encoders:
+            for encoder in self.model.text_encoders():
+                encoder.to("cpu")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stable_seed("adapter-init", config.run.seed))
             self.trainable = attach_trainable(self.model, config.model)
