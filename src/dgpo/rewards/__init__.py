@@ -70,4 +70,4 @@ def combine_rewards(scores: dict[str, np.ndarray], weights: dict[str, float]) ->
     return np.where(applicable.any(axis=0), total, np.nan)
 
 
-from . import builtin, clip, ocr, remote  # noqa: E402,F401  (register the built-in rewards)
+from . import builtin, clip, geneval, ocr, remote  # noqa: E402,F401  (register the built-in rewards)
