@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
@@ -126,9 +126,19 @@ def attach_trainable(model, cfg) -> list[tuple[str, torch.nn.Parameter]]:
     return list(transformer.named_parameters())
 
 
+def refuse_sharded_launch() -> None:
+    """The trainer never hands its model to ``accelerator.prepare``, so under an FSDP or DeepSpeed launch config
+    (``accelerate launch`` sets these flags from its distributed_type) it would train unsharded without a word: refuse."""
+    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if parse_flag_from_env(flag):
+            raise RuntimeError(f"the accelerate launch config asks for {name}, which dgpo does not support (it would train unsharded); "
+                               "launch with a MULTI_GPU config such as configs/accelerate/multi_gpu.yaml")
+
+
 class Trainer:
     def __init__(self, config: Config, accelerator: Accelerator | None = None, log=None):
         self.config = config
+        refuse_sharded_launch()
         self.acc = accelerator or Accelerator(mixed_precision=config.model.mixed_precision, cpu=not torch.cuda.is_available())
         self.log = log or self.acc.print
         if config.run.threads:
