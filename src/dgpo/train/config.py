@@ -80,7 +80,7 @@ class RewardConfig:
 @dataclass
 class LossConfig:
     algorithm: str = _help("training algorithm (registered variant): dgpo, diffusion_dpo, flow_grpo", default="dgpo")
-    beta: float = _help("beta of the group preference (paper 100 GenEval/OCR, 10 PickScore)", default=100.0)
+    beta: float = _help("beta of the group preference (paper 100 GenEval/OCR, 10 PickScore; the reference code applies beta / G to the group sum)", default=100.0)
     timesteps: int = _help("M: training timesteps per group per step (flow_grpo: trained SDE steps per sample)", default=2)
     timestep_mode: str = _help("continuous: t ~ U[t_min, t_max]; grid: one of the first grid_points rollout sigmas", default="continuous")
     t_min: float = _help("timestep clipping: lowest training sigma (paper: 0.3-0.6 stable)", default=0.6)
