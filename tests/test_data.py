@@ -234,11 +234,11 @@ def test_for_step_is_a_slice_of_one_stream(tmp_path):
     assert whole == halves
 
 
-@pytest.mark.parametrize("recipe", ["geneval", "ocr", "pickscore"])
-def test_sd35m_recipes_keep_the_global_batch_on_1_to_8_processes_and_refuse_32(recipe):
+@pytest.mark.parametrize("recipe", ["sd35m/geneval", "sd35m/ocr", "sd35m/pickscore", "flux/geneval", "sana/geneval"])
+def test_gpu_recipes_keep_the_global_batch_on_1_to_8_processes_and_refuse_32(recipe):
     from dgpo.train.config import load_config
 
-    config = load_config(REPO / "configs" / "sd35m" / f"{recipe}.yaml")
+    config = load_config(REPO / "configs" / f"{recipe}.yaml")
     d = config.data
     for processes in (1, 2, 4, 8):
         layouts = [GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, processes, rank) for rank in range(processes)]
