@@ -140,6 +140,18 @@ def test_max_seconds_stops_with_a_checkpoint(tiny_model_dir, tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
 
 
+def test_forward_budget_stops_at_the_first_step_that_spends_it(tiny_model_dir, tmp_path):
+    one_step = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "one", **{"run.max_steps": 1})))
+    one_step.train()
+    per_step = one_step.counters.forward_equivalents
+    assert per_step > 0
+    budget = {"run.max_forward_equivalents": 1.5 * per_step, "run.max_steps": 5, "run.save_every": 0}
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "budget", **budget)))
+    assert trainer.train() == 0
+    assert trainer.counters.step == 2
+    assert trainer.counters.forward_equivalents == 2 * per_step
+
+
 def test_exported_adapter_loads_into_a_fresh_model_and_changes_its_output(tiny_model_dir, tmp_path):
     from dgpo.models.shapes import ShapesModel
 

@@ -60,7 +60,7 @@ def cmd_compare(args) -> int:
     from .train.compare import Budget, markdown_summary, parse_recipe, run_comparison
 
     recipes = [parse_recipe(text) for text in args.recipes]
-    budget = Budget(args.budget_steps, args.budget_seconds, args.eval_every, args.eval_images)
+    budget = Budget(args.budget_steps, args.budget_seconds, args.budget_forwards, args.eval_every, args.eval_images)
     summary = run_comparison(recipes, Path(args.output), budget, args.threshold or [0.45, 0.5], args.set or [], args.baseline, args.reuse)
     print(markdown_summary(summary))
     print(f"\nwrote {args.output}/curves.csv, curves.png, summary.json, summary.md")
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="results/compare", help="output directory (default: results/compare)")
     p.add_argument("--budget-steps", type=int, default=100, help="optimizer steps per recipe (default: 100)")
     p.add_argument("--budget-seconds", type=float, default=0.0, help="also stop each recipe after this much training time (default: no limit)")
+    p.add_argument("--budget-forwards", type=float, default=0.0,
+                   help="also stop each recipe after this many model forward-equivalents, a budget that means the same on any "
+                        "hardware (default: no limit)")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (default: 10)")
     p.add_argument("--eval-images", type=int, default=24, help="test images per category per evaluation (default: 24)")
     p.add_argument("--threshold", type=float, action="append", help="ShapesEval overall thresholds to time (repeatable; default 0.45 and 0.5)")

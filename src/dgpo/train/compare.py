@@ -1,7 +1,7 @@
 """Run several recipes under one evaluation protocol and budget; report time and compute to score thresholds.
 
 Every recipe trains from the same base model with the same seed, test prompts and evaluation
-interval, until its step or wall-clock budget runs out. Compute is counted both in seconds of
+interval, until its step, wall-clock or forward-equivalent budget runs out. Compute is counted both in seconds of
 training (evaluation excluded) and in model forward-equivalents (a backward counts as two
 forwards), so the ratios carry across machines. Writes, under the output directory:
 ``curves.csv`` (one row per evaluation), ``curves.png``, ``summary.json`` and ``summary.md``.
@@ -27,6 +27,7 @@ from .run import run_training  # noqa: E402
 class Budget:
     steps: int
     seconds: float = 0.0
+    forwards: float = 0.0
     eval_every: int = 10
     eval_images_per_category: int = 24
 
@@ -48,6 +49,7 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
         f"run.output_dir={run_dir}",
         f"run.max_steps={budget.steps}",
         f"run.max_seconds={budget.seconds}",
+        f"run.max_forward_equivalents={budget.forwards}",
         f"eval.every={budget.eval_every}",
         f"eval.images_per_category={budget.eval_images_per_category}",
         f"eval.final_images_per_category={budget.eval_images_per_category}",
@@ -59,7 +61,8 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     if reuse and finished.exists() and json.loads(finished.read_text()).get("config") == as_saved:
         log(f"{name}: reusing the finished run in {run_dir}")
     else:
-        log(f"{name}: training {recipe} (budget {budget.steps} steps" + (f", {budget.seconds:.0f} s)" if budget.seconds else ")"))
+        limits = [f"{budget.steps} steps"] + ([f"{budget.seconds:.0f} s"] if budget.seconds else []) + ([f"{budget.forwards:.3g} forwards"] if budget.forwards else [])
+        log(f"{name}: training {recipe} (budget {', '.join(limits)})")
         summary = run_training(config, log=log)
         if summary["status"] != 0:
             raise RuntimeError(f"recipe {name} stopped early with status {summary['status']}")

@@ -127,6 +127,8 @@ class RunConfig:
     seed: int = _help("seed of every random draw (keyed per group and sample)", default=0)
     max_steps: int = _help("optimizer steps", default=100)
     max_seconds: float = _help("also stop (with a checkpoint) once training has taken this many seconds (0 = no limit)", default=0.0)
+    max_forward_equivalents: float = _help("also stop once training has spent this many model forward-equivalents (a backward counts as two; "
+                                           "0 = no limit): a compute budget that means the same on any hardware", default=0.0)
     output_dir: str = _help("where logs, checkpoints, grids and the report go", default="runs/dgpo-shapes")
     save_every: int = _help("checkpoint every N steps (0 = only at the end)", default=25)
     keep_checkpoints: int = _help("checkpoints kept (oldest removed first; the newest good one is never removed)", default=2)
@@ -183,6 +185,7 @@ class Config:
             (self.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optim.optimizer!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.run.max_seconds >= 0, f"run.max_seconds must be >= 0 (0 = no limit), got {self.run.max_seconds}"),
+            (self.run.max_forward_equivalents >= 0, f"run.max_forward_equivalents must be >= 0 (0 = no limit), got {self.run.max_forward_equivalents}"),
             (self.run.max_steps >= 0, f"run.max_steps must be >= 0, got {self.run.max_steps}"),
             (self.run.save_every >= 0, f"run.save_every must be >= 0, got {self.run.save_every}"),
             (self.eval.every >= 0, f"eval.every must be >= 0, got {self.eval.every}"),

@@ -584,10 +584,11 @@ class Trainer:
             self.guard_stopped, self.config.loss.kl_beta = state
 
     def finished(self) -> bool:
-        """run.max_steps reached, or run.max_seconds of training spent."""
+        """run.max_steps reached, or run.max_seconds or run.max_forward_equivalents of training spent."""
         r = self.config.run
         out_of_time = r.max_seconds > 0 and self.counters.elapsed_seconds >= r.max_seconds
-        return self.counters.step >= r.max_steps or out_of_time or self.guard_stopped
+        out_of_compute = r.max_forward_equivalents > 0 and self.counters.forward_equivalents >= r.max_forward_equivalents
+        return self.counters.step >= r.max_steps or out_of_time or out_of_compute or self.guard_stopped
 
     def train(self, resume: bool = False, on_step=None) -> int:
         """Run to ``run.max_steps``; returns 0, or PREEMPTED_EXIT_CODE after a signal-triggered checkpoint."""
