@@ -190,6 +190,19 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_model_dir, tmp_path
     assert logged == rewards(straight)
 
 
+def test_resume_keeps_a_kl_weight_the_guard_raised_unless_the_config_changes_it(tiny_model_dir, tmp_path):
+    first = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 1})))
+    first.train()
+    first.config.loss.kl_beta = 0.04  # what apply_guard's raise_kl does mid-run
+    first.save()
+    same_config = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 1})), log=lambda *a: None)
+    same_config.resume()
+    assert same_config.config.loss.kl_beta == 0.04
+    edited = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 1, "loss.kl_beta": 0.5})), log=lambda *a: None)
+    edited.resume()
+    assert edited.config.loss.kl_beta == 0.5
+
+
 TWO_PROCESS_SCRIPT = """
 import json, sys, torch
 from dgpo.rewards import register_reward

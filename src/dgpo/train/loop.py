@@ -175,6 +175,8 @@ class Trainer:
         self._stop_requested = False
         self._bad_reward_steps = 0
         self.guard_stopped = False
+        # The reward-hacking guard may raise loss.kl_beta mid-run; a resume restores the raised value.
+        self._configured_kl_beta = config.loss.kl_beta
         self._writer = None
         self._wandb = None
         self._reward_executor: ThreadPoolExecutor | None = None
@@ -508,6 +510,7 @@ class Trainer:
                 "elapsed_seconds": self.counters.elapsed_seconds,
                 "history": self.counters.history,
                 "config": self.config.to_dict(),
+                "kl_beta": {"configured": self._configured_kl_beta, "in_effect": self.config.loss.kl_beta},
             }
             path = save_checkpoint(self.checkpoint_dir, self.counters.step, tensors, self.optimizer.state_dict(), state, self.config.run.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -527,7 +530,18 @@ class Trainer:
             self.eval_ema.load_state_dict(tensors["eval_ema"])
         self.optimizer.load_state_dict(optimizer_state)
         self.counters = StepCounters(state["step"], state["forward_equivalents"], state["elapsed_seconds"], state["history"])
+        self._restore_kl_beta(state.get("kl_beta"))
         self.log(f"resumed from {path} at step {self.counters.step}")
+
+    def _restore_kl_beta(self, saved: dict | None) -> None:
+        """Keep a KL weight the guard raised, unless this run's config sets a different one on purpose."""
+        if saved is None or saved["in_effect"] == self.config.loss.kl_beta:
+            return
+        if self.config.loss.kl_beta == saved["configured"]:
+            self.config.loss.kl_beta = saved["in_effect"]
+            self.log(f"loss.kl_beta {saved['in_effect']:g} restored from the checkpoint (the guard raised it from {saved['configured']:g})")
+        else:
+            self.log(f"loss.kl_beta {self.config.loss.kl_beta:g} from this run's config replaces {saved['in_effect']:g} from the checkpoint")
         return True
 
     def _install_signal_handlers(self):
