@@ -33,16 +33,21 @@ def test_summary_ratios_are_relative_to_the_baseline():
     assert summary["recipes"]["dgpo"]["thresholds"]["0.5"]["seconds_ratio_to_baseline"] == 1.0
 
 
-def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
-    recipe = tmp_path / "dgpo.yaml"
+def tiny_dgpo_recipe(model_dir, folder):
+    recipe = folder / "dgpo.yaml"
     recipe.write_text(
-        f"model: {{path: {tiny_model_dir}, lora_rank: 4}}\n"
+        f"model: {{path: {model_dir}, lora_rank: 4}}\n"
         "data: {group_size: 4, groups_per_step: 2, micro_batch: 4}\n"
         "rollout: {num_steps: 2, ema_after: -1}\n"
         "reward: {weights: {shapes_partial: 1.0}}\n"
         "loss: {grid_points: 2}\n"
         "run: {tensorboard: false, threads: 1}\n"
     )
+    return recipe
+
+
+def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
+    recipe = tiny_dgpo_recipe(tiny_model_dir, tmp_path)
     grpo = tmp_path / "grpo.yaml"
     grpo.write_text("inherit: dgpo.yaml\nloss: {algorithm: flow_grpo, ppo_clip_eps: 0.0001, kl_beta: 0.04}\nrollout: {sampler: sde}\n")
     out = tmp_path / "compare"
@@ -64,6 +69,17 @@ def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
     # A second call with --reuse trains nothing and reproduces the summary.
     assert main([*argv, "--reuse"]) == 0
     assert json.loads((out / "summary.json").read_text())["recipes"] == summary["recipes"]
+
+
+def test_compare_forward_budget_stops_a_recipe_at_the_step_that_spends_it(tiny_model_dir, tmp_path):
+    recipe = tiny_dgpo_recipe(tiny_model_dir, tmp_path)
+    argv = ["compare", f"dgpo={recipe}", "--budget-steps", "5", "--eval-every", "1", "--eval-images", "1"]
+    assert main([*argv, "--output", str(tmp_path / "steps")]) == 0
+    per_step = [float(r["forward_equivalents"]) for r in csv.DictReader(open(tmp_path / "steps" / "curves.csv"))]
+    assert main([*argv, "--output", str(tmp_path / "budget"), "--budget-forwards", str(1.5 * per_step[1])]) == 0
+    budgeted = list(csv.DictReader(open(tmp_path / "budget" / "curves.csv")))
+    assert [int(r["step"]) for r in budgeted] == [0, 1, 2]
+    assert [float(r["forward_equivalents"]) for r in budgeted] == per_step[:3]
 
 
 def test_compare_rejects_duplicate_names_and_unknown_baseline(tmp_path, capsys):
