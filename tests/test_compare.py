@@ -54,7 +54,7 @@ def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
     argv = ["compare", f"dgpo={recipe}", f"flow_grpo={grpo}", "--output", str(out), "--budget-steps", "2",
             "--eval-every", "1", "--eval-images", "1", "--threshold", "0.0", "--threshold", "0.99"]
     assert main(argv) == 0
-    rows = list(csv.DictReader(open(out / "curves.csv")))
+    rows = list(csv.DictReader((out / "curves.csv").read_text().splitlines()))
     assert [(r["recipe"], int(r["step"])) for r in rows] == [("dgpo", 0), ("dgpo", 1), ("dgpo", 2), ("flow_grpo", 0), ("flow_grpo", 1), ("flow_grpo", 2)]
     by_recipe = {name: [r for r in rows if r["recipe"] == name] for name in ("dgpo", "flow_grpo")}
     for recipe_rows in by_recipe.values():
@@ -75,9 +75,9 @@ def test_compare_forward_budget_stops_a_recipe_at_the_step_that_spends_it(tiny_m
     recipe = tiny_dgpo_recipe(tiny_model_dir, tmp_path)
     argv = ["compare", f"dgpo={recipe}", "--budget-steps", "5", "--eval-every", "1", "--eval-images", "1"]
     assert main([*argv, "--output", str(tmp_path / "steps")]) == 0
-    per_step = [float(r["forward_equivalents"]) for r in csv.DictReader(open(tmp_path / "steps" / "curves.csv"))]
+    per_step = [float(r["forward_equivalents"]) for r in csv.DictReader((tmp_path / "steps" / "curves.csv").read_text().splitlines())]
     assert main([*argv, "--output", str(tmp_path / "budget"), "--budget-forwards", str(1.5 * per_step[1])]) == 0
-    budgeted = list(csv.DictReader(open(tmp_path / "budget" / "curves.csv")))
+    budgeted = list(csv.DictReader((tmp_path / "budget" / "curves.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in budgeted] == [0, 1, 2]
     assert [float(r["forward_equivalents"]) for r in budgeted] == per_step[:3]
 
