@@ -196,10 +196,10 @@ def test_resume_keeps_a_kl_weight_the_guard_raised_unless_the_config_changes_it(
     first.config.loss.kl_beta = 0.04  # what apply_guard's raise_kl does mid-run
     first.save()
     same_config = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 1})), log=lambda *a: None)
-    same_config.resume()
+    assert same_config.resume()
     assert same_config.config.loss.kl_beta == 0.04
     edited = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 1, "loss.kl_beta": 0.5})), log=lambda *a: None)
-    edited.resume()
+    assert edited.resume()
     assert edited.config.loss.kl_beta == 0.5
 
 

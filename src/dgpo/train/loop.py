@@ -532,6 +532,7 @@ class Trainer:
         self.counters = StepCounters(state["step"], state["forward_equivalents"], state["elapsed_seconds"], state["history"])
         self._restore_kl_beta(state.get("kl_beta"))
         self.log(f"resumed from {path} at step {self.counters.step}")
+        return True
 
     def _restore_kl_beta(self, saved: dict | None) -> None:
         """Keep a KL weight the guard raised, unless this run's config sets a different one on purpose."""
@@ -542,7 +543,6 @@ class Trainer:
             self.log(f"loss.kl_beta {saved['in_effect']:g} restored from the checkpoint (the guard raised it from {saved['configured']:g})")
         else:
             self.log(f"loss.kl_beta {self.config.loss.kl_beta:g} from this run's config replaces {saved['in_effect']:g} from the checkpoint")
-        return True
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
