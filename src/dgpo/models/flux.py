@@ -41,9 +41,9 @@ class FluxModel(VAELatents, PipelineAdapter):
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
         with torch.no_grad():
             hidden, pooled, _ = self.pipeline.encode_prompt(
-                prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+                prompt=prompts, prompt_2=None, device=self.text_encoder_device, max_sequence_length=self.max_sequence_length
             )
-        return (hidden, pooled)
+        return (hidden.to(self.device), pooled.to(self.device))
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, embeddings: PromptEmbeddings) -> torch.Tensor:
         from diffusers import FluxPipeline
