@@ -5,7 +5,7 @@
 #   bash benchmarks/shapes_sweep/run.sh [OUTPUT] [VARIANT.yaml ...]
 #
 # Environment: FORWARDS (budget per variant, default 650000: what one hour of this repo's 2-core CPU
-# spends on the default recipe), SECONDS_CAP (training seconds cap per variant, default 0 = none),
+# spent on the recipe before the sweep; the current default spends about 7.9e5), SECONDS_CAP (training seconds cap per variant, default 0 = none),
 # PARALLEL (default: all variants), THREADS (CPU threads per process, default 1), EVAL_EVERY and
 # EVAL_IMAGES (evaluation interval and test images per category, default 50 and 48), PYTHON.
 set -euo pipefail
