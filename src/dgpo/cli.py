@@ -6,6 +6,7 @@ are printed as one line, ``dgpo: error: ...``, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -129,10 +130,17 @@ def cmd_sample(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from .shapes.captions import CaptionModel
     from .shapes.pretrain import PretrainConfig, pretrain
 
+    known = {f.name for f in dataclasses.fields(CaptionModel)}
+    unknown = sorted(set(dict(args.caption or [])) - known)
+    if unknown:
+        raise ValueError(f"unknown caption option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     cfg = PretrainConfig(
-        output=args.output, vae_steps=args.vae_steps, dit_steps=args.dit_steps, seed=args.seed, continue_from=args.continue_from
+        output=args.output, vae_steps=args.vae_steps, dit_steps=args.dit_steps, seed=args.seed, continue_from=args.continue_from,
+        text_encoder=args.text_encoder, captions=CaptionModel(**dict(args.caption or [])), save_every=args.save_every,
+        resume=args.resume,
     )
     pretrain(cfg)
     return 0
@@ -231,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue-from", default="", help="train the denoiser of this saved model further (skips the autoencoder)")
+    p.add_argument(
+        "--text-encoder", default="orthogonal", choices=("orthogonal", "trained"),
+        help="orthogonal: a fixed encoder whose words and positions are distinct by construction (replaces a continued "
+        "model's); trained: a CLIP text encoder trained with the denoiser, as the first base model had (default: orthogonal)",
+    )
+    p.add_argument(
+        "--caption", action="append", type=_option, metavar="NAME=P",
+        help="a caption-model probability (dgpo.shapes.captions.CaptionModel), e.g. swap_relation=0.3; repeatable",
+    )
+    p.add_argument("--save-every", type=int, default=250, help="denoiser steps between checkpoints in OUTPUT/checkpoints (default: 250)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted pretraining from its newest checkpoint in --output")
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("rewards", help="list the registered rewards")

@@ -18,7 +18,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from .base import PromptEmbeddings
 from .sd3 import MMDiTLatents
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
+# Token order of models saved before tokenizer.json recorded its special tokens. With <eos> at id 2,
+# transformers' CLIPTextModel takes the pooled output at the largest token id instead of at <eos>.
+LEGACY_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 DEFAULT_MAX_TOKENS = 16
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes-base"
 
@@ -59,11 +62,12 @@ class WordTokenizer:
     typo in a prompt file fails before any training starts.
     """
 
-    def __init__(self, words: list[str], max_length: int = DEFAULT_MAX_TOKENS):
+    def __init__(self, words: list[str], max_length: int = DEFAULT_MAX_TOKENS, special_tokens: tuple[str, ...] = SPECIAL_TOKENS):
         self.words = list(words)
         self.max_length = max_length
-        self.index = {w: i for i, w in enumerate(SPECIAL_TOKENS + tuple(self.words))}
-        self.pad_id, self.bos_id, self.eos_id = (self.index[t] for t in SPECIAL_TOKENS)
+        self.special_tokens = tuple(special_tokens)
+        self.index = {w: i for i, w in enumerate(self.special_tokens + tuple(self.words))}
+        self.pad_id, self.bos_id, self.eos_id = (self.index[t] for t in ("<pad>", "<bos>", "<eos>"))
 
     @property
     def vocab_size(self) -> int:
@@ -73,7 +77,7 @@ class WordTokenizer:
         rows = []
         for prompt in prompts:
             words = prompt.lower().split()
-            unknown = [w for w in words if w not in self.index or w in SPECIAL_TOKENS]
+            unknown = [w for w in words if w not in self.index or w in self.special_tokens]
             if unknown:
                 raise ValueError(f"prompt {prompt!r} has words outside the text encoder's vocabulary: {unknown}")
             if len(words) + 2 > self.max_length:
@@ -85,12 +89,13 @@ class WordTokenizer:
         return torch.tensor(rows, dtype=torch.long)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps({"words": self.words, "max_length": self.max_length}, indent=1))
+        data = {"words": self.words, "max_length": self.max_length, "special_tokens": list(self.special_tokens)}
+        Path(path).write_text(json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "WordTokenizer":
         data = json.loads(Path(path).read_text())
-        return cls(data["words"], data["max_length"])
+        return cls(data["words"], data["max_length"], tuple(data.get("special_tokens", LEGACY_SPECIAL_TOKENS)))
 
 
 def text_encoder_config(tokenizer: WordTokenizer) -> CLIPTextConfig:
@@ -106,6 +111,40 @@ def text_encoder_config(tokenizer: WordTokenizer) -> CLIPTextConfig:
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
     )
+
+
+def orthogonal_text_encoder(tokenizer: WordTokenizer, seed: int = 0) -> CLIPTextModel:
+    """A fixed ``CLIPTextModel`` that keeps every word and every position distinct by construction.
+
+    T5 hands SD3.5-M features in which "left" and "right", "two" and "three", and each colour's
+    place in the prompt are distinct; what the denoiser makes of them is learned. This encoder
+    does the same for the ShapesEval grammar without any training: word and position embeddings
+    are orthonormal vectors (also orthogonal to the all-ones direction, so layer norm's centring
+    keeps them orthogonal), and its single layer attends uniformly to the prompt so far (zero
+    queries and keys, identity values and output, no MLP). Output token i is its own word and
+    position plus the mean of the prefix; the pooled output, at <eos>, is the mean of the prompt.
+    It is deterministic in ``seed`` and is never trained.
+    """
+    config = text_encoder_config(tokenizer)
+    config.num_hidden_layers = 1
+    hidden, n_words, n_positions = config.hidden_size, tokenizer.vocab_size, tokenizer.max_length
+    if n_words + n_positions >= hidden:
+        raise ValueError(f"an orthogonal text encoder of width {hidden} holds at most {hidden - 1} words and positions, got {n_words + n_positions}")
+    encoder = CLIPTextModel(config)
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.cat([torch.ones(hidden, 1), torch.randn(hidden, n_words + n_positions, generator=generator)], dim=1)
+    basis = torch.linalg.qr(directions)[0][:, 1:].T * hidden**0.5  # rows orthogonal, norm sqrt(hidden), zero mean
+    layer = encoder.encoder.layers[0]
+    with torch.no_grad():
+        encoder.embeddings.token_embedding.weight.copy_(basis[:n_words])
+        encoder.embeddings.position_embedding.weight.copy_(0.5 * basis[n_words:])
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.fc2):
+            projection.weight.zero_()
+            projection.bias.zero_()
+        for projection in (layer.self_attn.v_proj, layer.self_attn.out_proj):
+            projection.weight.copy_(torch.eye(hidden))
+            projection.bias.zero_()
+    return encoder.eval().requires_grad_(False)
 
 
 class ShapesModel(MMDiTLatents):

@@ -1,0 +1,176 @@
+"""ShapesEval pretraining: the loose caption model, the orthogonal text encoder, and exact resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dgpo.models.shapes import LEGACY_SPECIAL_TOKENS, ShapesModel, WordTokenizer, orthogonal_text_encoder
+from dgpo.shapes.captions import EXACT_CAPTIONS, CaptionModel, caption_scene
+from dgpo.shapes.pretrain import PretrainConfig, build_pool, pretrain
+from dgpo.shapes.prompts import PromptSpec, all_specs, scene_for_spec, vocabulary
+from dgpo.shapes.verifier import verify
+from dgpo.shapes.world import render_scene
+
+N_CAPTIONS = 2000
+
+
+def _captions(category: str, model: CaptionModel, n: int = N_CAPTIONS, seed: int = 0) -> list[tuple[PromptSpec, str, np.ndarray]]:
+    """(spec the scene was drawn for, caption, render) for n scenes of one category."""
+    rng = np.random.default_rng(seed)
+    specs = all_specs(category)
+    out = []
+    for _ in range(n):
+        spec = specs[int(rng.integers(len(specs)))]
+        scene = scene_for_spec(spec, rng)
+        out.append((spec, caption_scene(scene, model, rng), render_scene(scene)))
+    return out
+
+
+def _caption_true_of(caption: str, image: np.ndarray, category: str) -> bool:
+    return verify(PromptSpec.from_metadata(caption, _parse(caption, category)), image).passed
+
+
+def _parse(caption: str, category: str) -> dict:
+    """The clauses a caption states, read back from its words (the grammar's phrasing)."""
+    words = caption.split()[3:]
+    numbers = {"two": 2, "three": 3, "four": 4}
+    if words[0] in numbers:
+        return {"category": "counting", "objects": [{"shape": words[1].rstrip("s").replace("crosse", "cross"), "count": numbers[words[0]]}], "relation": None}
+    text = " ".join(words)
+    relation = next((r for r in ("left of", "right of", "above", "below") if f" {r} " in text), None)
+    parts = text.split(f" {relation} ") if relation else text.split(" and ")
+    objects = []
+    for part in parts:
+        tokens = part.split()[1:]
+        objects.append({"shape": tokens[-1], "color": tokens[0] if len(tokens) == 2 else None, "count": 1})
+    return {"category": category, "objects": objects, "relation": relation}
+
+
+@pytest.mark.parametrize("category", ["single_object", "two_object", "counting", "colors", "position", "color_attr"])
+def test_exact_captions_are_always_true_of_their_scene(category):
+    for spec, caption, image in _captions(category, EXACT_CAPTIONS, n=200):
+        assert _caption_true_of(caption, image, category), (spec.prompt, caption)
+
+
+def test_captions_use_only_the_grammar_vocabulary():
+    words = set(vocabulary())
+    for category in ("counting", "position", "color_attr", "colors"):
+        for _, caption, _ in _captions(category, CaptionModel(), n=300):
+            assert set(caption.split()) <= words, caption
+
+
+def test_loose_captions_err_at_the_configured_rates():
+    model = CaptionModel(swap_relation=0.3, mention_relation=0.5, count_off_by_one=0.25, mention_count=0.8, wrong_color=0.0, swap_colors=0.0)
+    relations = [(s, c, im) for s, c, im in _captions("position", model) if any(r in c for r in (" left of ", " right of ", " above ", " below "))]
+    # Relations are stated only for two named objects in a clear relation.
+    stated = len(relations) / N_CAPTIONS
+    assert 0.3 < stated < model.mention_relation * model.name_second_object + 0.03
+    wrong = sum(not _caption_true_of(c, im, "position") for _, c, im in relations) / len(relations)
+    assert abs(wrong - model.swap_relation) < 0.05
+    counts = [(c, im) for _, c, im in _captions("counting", model) if c.split()[3] in ("two", "three", "four")]
+    assert abs(len(counts) / N_CAPTIONS - model.mention_count) < 0.04
+    off = sum(not _caption_true_of(c, im, "counting") for c, im in counts) / len(counts)
+    assert abs(off - model.count_off_by_one) < 0.04
+
+
+def test_swapped_colours_bind_each_colour_to_the_other_object():
+    model = CaptionModel(mention_color=1.0, wrong_color=0.0, swap_colors=1.0, name_second_object=1.0, mention_relation=0.0)
+    for spec, caption, image in _captions("color_attr", model, n=100):
+        assert not _caption_true_of(caption, image, "color_attr"), caption
+        assert {w for w in caption.split()} >= {o.color for o in spec.objects}
+
+
+def test_caption_probabilities_are_checked():
+    with pytest.raises(ValueError, match="swap_relation"):
+        CaptionModel(swap_relation=1.5)
+
+
+PAIRS = [
+    ("a photo of a circle left of a square", "a photo of a circle right of a square"),
+    ("a photo of a circle above a square", "a photo of a circle below a square"),
+    ("a photo of two circles", "a photo of three circles"),
+    ("a photo of a red circle and a blue square", "a photo of a blue circle and a red square"),
+]
+
+
+@pytest.mark.parametrize("a,b", PAIRS)
+def test_orthogonal_text_encoder_separates_the_words_a_prompt_depends_on(a, b):
+    tokenizer = WordTokenizer(vocabulary())
+    encoder = orthogonal_text_encoder(tokenizer)
+    ea, eb = (encoder(input_ids=tokenizer([p])).last_hidden_state[0] for p in (a, b))
+    differs = [i for i, (x, y) in enumerate(zip(a.split(), b.split())) if x != y]
+    for i in differs:  # +1: <bos>
+        assert ((ea[i + 1] - eb[i + 1]).norm() / ea[i + 1].norm()) > 0.8
+    assert not encoder.embeddings.token_embedding.weight.requires_grad
+    again = orthogonal_text_encoder(tokenizer)(input_ids=tokenizer([a])).last_hidden_state[0]
+    assert torch.equal(again, ea)
+
+
+def test_pooled_output_is_taken_at_eos_not_at_the_largest_token_id():
+    tokenizer = WordTokenizer(vocabulary())
+    assert tokenizer.eos_id != 2, "transformers' CLIP pools at the largest token id when eos_token_id == 2"
+    encoder = orthogonal_text_encoder(tokenizer)
+    ids = tokenizer(["a photo of a yellow circle"])
+    out = encoder(input_ids=ids)
+    eos_position = int((ids[0] == tokenizer.eos_id).nonzero())
+    assert torch.equal(out.pooler_output[0], out.last_hidden_state[0, eos_position])
+
+
+def test_legacy_tokenizer_files_keep_their_token_ids(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"words": ["a", "circle"], "max_length": 6}))
+    tokenizer = WordTokenizer.load(tmp_path / "tokenizer.json")
+    assert tokenizer.special_tokens == LEGACY_SPECIAL_TOKENS and tokenizer.eos_id == 2
+    tokenizer.save(tmp_path / "again.json")
+    assert WordTokenizer.load(tmp_path / "again.json")(["a circle"]).tolist() == tokenizer(["a circle"]).tolist()
+
+
+def test_pool_renders_its_scenes():
+    pool = build_pool(12, seed=3)
+    assert pool.pixels.shape == (12, 3, 32, 32)
+    for spec, scene, pixels in zip(pool.specs, pool.scenes, pool.pixels):
+        assert torch.equal(pixels, torch.from_numpy(render_scene(scene)).permute(2, 0, 1).float() / 255.0)
+        assert verify(spec, pixels).passed
+
+
+def _tiny_cfg(tiny_model_dir, output, **overrides) -> PretrainConfig:
+    settings = dict(
+        output=str(output), continue_from=str(tiny_model_dir), pool_size=48, dit_steps=6, dit_batch=4,
+        warmup_steps=2, save_every=2, log_every=1, threads=1,
+    )
+    return PretrainConfig(**{**settings, **overrides})
+
+
+class _StopAt:
+    def __init__(self, message: str):
+        self.message = message
+
+    def __call__(self, line: str) -> None:
+        if line.startswith(self.message):
+            raise KeyboardInterrupt
+
+
+def test_resumed_pretraining_equals_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "whole"), log=lambda line: None)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "split"), log=_StopAt("dit step     3"))
+    assert (tmp_path / "split" / "checkpoints").is_dir()
+    with pytest.raises(ValueError, match="--resume"):
+        pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "split"), log=lambda line: None)
+    with pytest.raises(ValueError, match="captions"):
+        pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "split", resume=True, captions=EXACT_CAPTIONS), log=lambda line: None)
+    lines = []
+    pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "split", resume=True), log=lines.append)
+    assert any("resumed the denoiser" in line and "step 2 of 6" in line for line in lines)
+    assert not (tmp_path / "split" / "checkpoints").exists()
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    whole, split = (load_file(str(tmp_path / d / weights)) for d in ("whole", "split"))
+    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+    start = load_file(str(tiny_model_dir / weights))
+    assert any(not torch.equal(whole[k], start[k]) for k in whole), "pretraining changed nothing"
+    model = ShapesModel.from_pretrained(tmp_path / "split")
+    assert torch.equal(model.text_encoder.embeddings.token_embedding.weight, orthogonal_text_encoder(model.tokenizer).embeddings.token_embedding.weight)
+    assert json.loads((tmp_path / "split" / "pretrain_config.json").read_text())["captions"] == json.loads(json.dumps(CaptionModel().__dict__))
