@@ -11,7 +11,7 @@ from dgpo.shapes import prompts as shape_prompts
 from dgpo.shapes.prompts import scene_for_spec
 from dgpo.shapes.world import BACKGROUND, IMAGE_SIZE, render_scene
 
-BUILTINS = ("shapes_partial", "shapes_strict", "jpeg_compressibility", "jpeg_incompressibility")
+BUILTINS = ("shapes_partial", "shapes_strict", "shapes_focused", "jpeg_compressibility", "jpeg_incompressibility")
 
 
 def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -106,7 +106,7 @@ def test_combine_rewards_single_and_negative_weights():
 # ----------------------------------------------------------------------------- shapes rewards
 
 
-@pytest.mark.parametrize("name", ["shapes_partial", "shapes_strict"])
+@pytest.mark.parametrize("name", ["shapes_partial", "shapes_strict", "shapes_focused"])
 def test_shapes_rewards_are_one_on_ground_truth(ground_truth, name):
     specs, images = ground_truth
     scores = get_reward(name)(images, [s.prompt for s in specs], [s.to_metadata() for s in specs])
@@ -115,7 +115,7 @@ def test_shapes_rewards_are_one_on_ground_truth(ground_truth, name):
     assert not failing, failing
 
 
-@pytest.mark.parametrize("name", ["shapes_partial", "shapes_strict"])
+@pytest.mark.parametrize("name", ["shapes_partial", "shapes_strict", "shapes_focused"])
 def test_shapes_rewards_are_zero_on_blank_background(name):
     specs = shape_prompts.test_specs()
     blank = torch.tensor(BACKGROUND, dtype=torch.float32).div(255.0).view(1, 3, 1, 1)
@@ -133,7 +133,7 @@ def test_partial_gives_partial_credit_and_strict_does_not():
     assert get_reward("shapes_strict")(half, [spec.prompt], meta)[0] == 0.0
 
 
-@pytest.mark.parametrize("name", ["shapes_partial", "shapes_strict"])
+@pytest.mark.parametrize("name", ["shapes_partial", "shapes_strict", "shapes_focused"])
 def test_shapes_rewards_are_nan_without_metadata(ground_truth, name):
     specs, images = ground_truth
     metadata = [{}, {"category": "colors"}, specs[2].to_metadata()]
@@ -141,6 +141,40 @@ def test_shapes_rewards_are_nan_without_metadata(ground_truth, name):
     scores = as_scores(scores, 3, name)
     assert np.isnan(scores[0]) and np.isnan(scores[1])
     assert scores[2] == 1.0
+
+
+def _swapped_relation(spec, seed: int):
+    """A render of the spec's two shapes in the opposite relation: both shapes right, the relation wrong."""
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    wrong = type(spec)(spec.category, spec.prompt, spec.objects, opposite[spec.relation])
+    return _to_tensor([render_scene(scene_for_spec(wrong, np.random.default_rng(seed)))])
+
+
+def test_focused_credit_gives_the_tested_clause_its_share():
+    spec = next(s for s in shape_prompts.test_specs() if s.category == "position")
+    image, meta = _swapped_relation(spec, 2), [spec.to_metadata()]
+    # Clauses: has A (1), has B (1), relation (0). Partial: 2/3. Focused: focus * 0 + (1 - focus) * 1.
+    assert get_reward("shapes_partial")(image, [spec.prompt], meta)[0] == pytest.approx(2 / 3)
+    assert get_reward("shapes_focused")(image, [spec.prompt], meta)[0] == pytest.approx(1 / 3)
+    assert get_reward("shapes_focused", focus=0.9)(image, [spec.prompt], meta)[0] == pytest.approx(0.1)
+
+
+def test_focused_credit_on_colour_binding_and_untested_categories():
+    spec = next(s for s in shape_prompts.test_specs() if s.category == "color_attr")
+    a, b = spec.objects
+    swapped = type(spec)(spec.category, spec.prompt, (type(a)(a.shape, b.color), type(b)(b.shape, a.color)))
+    image, meta = _to_tensor([render_scene(scene_for_spec(swapped, np.random.default_rng(3)))]), [spec.to_metadata()]
+    # Both shapes found (object clauses 1, 1), both colours wrong (0, 0): partial 0.5, focused 1 - focus.
+    assert get_reward("shapes_partial")(image, [spec.prompt], meta)[0] == pytest.approx(0.5)
+    assert get_reward("shapes_focused", focus=0.8)(image, [spec.prompt], meta)[0] == pytest.approx(0.2)
+    two = next(s for s in shape_prompts.test_specs() if s.category == "two_object")
+    half = _to_tensor([render_scene(scene_for_spec(two, np.random.default_rng(1))[:1])])
+    assert get_reward("shapes_focused")(half, [two.prompt], [two.to_metadata()])[0] == pytest.approx(0.5)
+
+
+def test_focused_credit_rejects_a_focus_outside_zero_one():
+    with pytest.raises(ValueError, match="focus"):
+        get_reward("shapes_focused", focus=1.0)
 
 
 # ----------------------------------------------------------------------------- JPEG rewards

@@ -444,3 +444,20 @@ def test_group_diversity_ignores_singletons():
     order = [3, 0, 5, 1, 4, 2]
     assert metrics.group_diversity(batch[order], [ids[i] for i in order]) == pytest.approx(expected)
     assert np.isnan(metrics.group_diversity(images[:3], [0, 1, 2]))
+
+
+def test_failure_kind_names_drawing_before_following():
+    rng = np.random.default_rng(11)
+    position = next(s for s in prompts.all_specs("position") if s.relation == "left of")
+    a, b = prompts.scene_for_spec(position, rng)
+    assert verifier.failure_kind(position, render_scene([a, b])) is None
+    swapped = [SceneObject(a.shape, a.color, b.x, b.y, b.size), SceneObject(b.shape, b.color, a.x, a.y, a.size)]
+    assert verifier.failure_kind(position, render_scene(swapped)) == "wrong_relation"
+    assert verifier.failure_kind(position, render_scene([a])) == "wrong_shapes"
+    square = _spec("single_object", "a photo of a square")
+    assert verifier.failure_kind(square, _draw(("rectangle", (8, 10, 22, 19), "green"))) == "unknown_shape"
+    red = PromptSpec("colors", "a photo of a red circle", (ObjectClause("circle", "red"),))
+    assert verifier.failure_kind(red, render_scene(world.place_objects([("circle", "blue")], rng))) == "wrong_colour"
+    three = _spec("counting", "a photo of three")
+    drawn = world.place_objects([(three.objects[0].shape, "white")] * 2, rng)
+    assert verifier.failure_kind(three, render_scene(drawn)) == "wrong_count"

@@ -98,8 +98,11 @@ def cmd_eval(args) -> int:
     result, specs, images, verdicts = shapes_eval(model, settings, args.images_per_category, seed=args.seed, return_images=True)
     print(result.table())
     print(f"artifact {result.artifact:.4f}  diversity {result.diversity:.4f}  ({result.num_images} images)")
+    failures = failure_breakdown(specs, images)
+    print(failure_table(failures))
     out = result_dict(result)
     out.update(
+        failures=failures,
         verifier_ground_truth=verifier_ground_truth(args.seed),
         sampler=vars(settings),
         model=args.model,
@@ -115,6 +118,23 @@ def cmd_eval(args) -> int:
         save_grid(grid_images, labels, args.grid, passed=grid_verdicts)
         print(f"wrote {args.grid}")
     return 0
+
+
+def failure_breakdown(specs, images) -> dict[str, dict[str, float]]:
+    """Per category, the share of its images that pass and that fail for each reason (drawing vs following the words)."""
+    from .shapes.prompts import CATEGORIES
+    from .shapes.verifier import FAILURE_KINDS, failure_kind
+
+    kinds = {c: [] for c in CATEGORIES}
+    for spec, image in zip(specs, images):
+        kinds[spec.category].append(failure_kind(spec, image) or "pass")
+    return {c: {k: kinds[c].count(k) / len(kinds[c]) for k in ("pass", *FAILURE_KINDS)} for c in CATEGORIES if kinds[c]}
+
+
+def failure_table(failures: dict[str, dict[str, float]]) -> str:
+    kinds = list(next(iter(failures.values())))
+    rows = [f"| {c} | " + " | ".join(f"{shares[k]:.2f}" for k in kinds) + " |" for c, shares in failures.items()]
+    return "\n".join(["| category | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|", *rows])
 
 
 def cmd_sample(args) -> int:

@@ -31,7 +31,11 @@ The rules, all in one place:
    the largest objects of the two shapes with a margin of ``RELATION_MARGIN`` px.
 6. **Scores**: strict pass = all clauses hold (GenEval per-image pass/fail);
    partial credit = fraction of clauses that hold, with counting graded as
-   max(0, 1 - |n - N| / N) (the dense training reward).
+   max(0, 1 - |n - N| / N) (the dense training reward); focused credit
+   (``focused_partial``) = the same clauses, but those the category tests (a
+   relation, a colour, a count) share a fixed part ``focus`` of the credit and the
+   object clauses the rest, so that drawing the shapes cannot crowd out the relation
+   or the colour binding the prompt is about.
 """
 from __future__ import annotations
 
@@ -168,5 +172,38 @@ def check(spec: PromptSpec, objects: list[DetectedObject]) -> Verdict:
     return Verdict(passed, partial, tuple(clauses))
 
 
+def focused_partial(verdict: Verdict, focus: float) -> float:
+    """Partial credit with the tested clauses (all but "has <shape>") sharing ``focus`` of it (rule 6)."""
+    tested = [score for name, score in verdict.clauses if not name.startswith("has ")]
+    objects = [score for name, score in verdict.clauses if name.startswith("has ")]
+    if not tested or not objects:
+        return verdict.partial
+    return focus * float(np.mean(tested)) + (1.0 - focus) * float(np.mean(objects))
+
+
 def verify(spec: PromptSpec, image) -> Verdict:
     return check(spec, detect_objects(image))
+
+
+FAILURE_KINDS = ("unknown_shape", "wrong_shapes", "wrong_count", "wrong_colour", "wrong_relation")
+"""Why an image fails, drawing first: an object whose shape can't be classified, then named shapes
+missing although every object is classified; the rest are failures to follow the words."""
+DRAWING_FAILURES = FAILURE_KINDS[:2]
+
+
+def failure_kind(spec: PromptSpec, image) -> str | None:
+    """The first of ``FAILURE_KINDS`` that explains a failed image, or None when it passes."""
+    objects = detect_objects(image)
+    verdict = check(spec, objects)
+    if verdict.passed:
+        return None
+    failed = [name for name, score in verdict.clauses if score < 1.0]
+    if any(o.shape == "unknown" for o in objects):
+        return "unknown_shape"
+    if any(name.startswith("has ") for name in failed):
+        return "wrong_shapes"
+    if any(name.startswith("count ") for name in failed):
+        return "wrong_count"
+    if any(" is " in name for name in failed):
+        return "wrong_colour"
+    return "wrong_relation"
