@@ -8,6 +8,7 @@ from dgpo.losses import (
     apply_clip,
     best_worst_advantages,
     dgpo_group_margin,
+    dgpo_kl_term,
     dgpo_loss,
     dgpo_loss_exact,
     flow_grpo_loss,
@@ -319,6 +320,66 @@ def test_dgpo_loss_rejects_bad_input():
         dgpo_loss(advantages, err_theta, err_ref, group_ids, 1.0, group_sum=lambda v, g: v.sum())
     with pytest.raises(ValueError, match="num_groups"):
         dgpo_loss(advantages, err_theta, err_ref, group_ids, 1.0, num_groups=0)
+
+
+def reference_code_loss(advantages, err_theta, err_ref, kl, group_ids, beta_dpo, group_size, beta_kl):
+    """DGPO's train_sd3_dgpo.py, written out: compute_group_dgpo_loss_allreduce plus its KL term."""
+    with torch.no_grad():
+        per_sample_term = advantages * beta_dpo * (err_theta - err_ref) / group_size
+        group_sums = torch.zeros(int(group_ids.max()) + 1).scatter_add_(0, group_ids, per_sample_term)
+        weights = torch.sigmoid(group_sums)[group_ids]
+    preference = (weights * advantages * err_theta).mean()
+    return preference, beta_kl * kl.mean()
+
+
+def test_kl_term_keeps_the_reference_codes_ratio_of_preference_to_kl_gradient():
+    generator = torch.Generator().manual_seed(4)
+    num_groups, group_size = 3, 4
+    n = num_groups * group_size
+    group_ids = torch.arange(num_groups).repeat_interleave(group_size)
+    advantages = group_advantages(torch.rand(n, generator=generator), group_ids)
+    inputs = torch.randn(n, 5, generator=generator)
+    targets = torch.randn(n, 2, generator=generator)
+    model = torch.nn.Linear(5, 2)
+    with torch.no_grad():
+        v_ref = model(inputs) + 0.1 * torch.randn(n, 2, generator=generator)
+        err_ref = per_sample_mse(v_ref, targets)
+    beta, kl_beta = 2.5, 0.02  # beta on the group sum; the reference code's beta_dpo = beta * G = 10
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    def ours():
+        v = model(inputs)
+        preference = dgpo_loss(advantages, per_sample_mse(v, targets), err_ref, group_ids, beta)[0]
+        return preference, dgpo_kl_term(velocity_kl(v, v_ref), beta, kl_beta, num_groups)
+
+    def reference():
+        v = model(inputs)
+        return reference_code_loss(advantages, per_sample_mse(v, targets), err_ref, velocity_kl(v, v_ref), group_ids,
+                                   beta * group_size, group_size, kl_beta)
+
+    pref_ours, pref_ref = grads(ours()[0]), grads(reference()[0])
+    kl_ours, kl_ref = grads(ours()[1]), grads(reference()[1])
+    assert kl_ref.norm() > 1e-5 and pref_ref.norm() > 1e-3
+    # Both terms are beta_dpo times the reference code's, so their ratio is the reference code's ...
+    torch.testing.assert_close(pref_ours, beta * group_size * pref_ref)
+    torch.testing.assert_close(kl_ours, beta * group_size * kl_ref)
+    assert (pref_ours.norm() / kl_ours.norm()).item() == pytest.approx((pref_ref.norm() / kl_ref.norm()).item(), rel=1e-12)
+    # ... and so is the whole gradient, up to that one factor.
+    torch.testing.assert_close(grads(sum(ours())), beta * group_size * grads(sum(reference())))
+
+
+def test_kl_term_hand_computed_and_rejects_bad_input():
+    kl = torch.tensor([0.1, 0.3, 0.2, 0.4])
+    # kl_beta * beta * sum / num_groups = 0.02 * 5 * 1.0 / 2
+    assert dgpo_kl_term(kl, 5.0, 0.02, 2).item() == pytest.approx(0.05, rel=1e-12)
+    with pytest.raises(ValueError, match="1-D"):
+        dgpo_kl_term(kl.view(2, 2), 5.0, 0.02, 2)
+    with pytest.raises(ValueError, match="num_groups"):
+        dgpo_kl_term(kl, 5.0, 0.02, 0)
 
 
 # ----------------------------------------------------------------- per-sample errors

@@ -222,6 +222,31 @@ def dgpo_loss_exact(
     return -F.logsigmoid(-group_margin).mean()
 
 
+def dgpo_kl_term(kl: Tensor, beta: float, kl_beta: float, num_groups: int) -> Tensor:
+    """KL to the reference on the scale of :func:`dgpo_loss`, so that ``kl_beta`` is the reference code's beta_kl.
+
+        loss_kl = kl_beta * beta * (1 / num_groups) * sum_i kl_i
+
+    The reference code (DGPO's train_sd3_dgpo.py) minimises, over the N = G * num_groups samples
+    of a step,
+
+        L_ref = (1 / N) * sum_i stopgrad(sigmoid(S_g(i))) * A_i * l_theta(x_i) + beta_kl * (1 / N) * sum_i kl_i
+
+    with beta_dpo = beta * G inside S. :func:`dgpo_loss` keeps the paper's exact gradient of
+    Eq. 17, which is beta * G (= beta_dpo) times the first term's. Multiplying the KL term by the
+    same factor, beta * G * beta_kl * (1 / N) * sum_i kl_i = beta_kl * beta * (1 / num_groups) * sum_i kl_i,
+    keeps the ratio of the preference gradient to the KL gradient the reference code's: the total
+    gradient is exactly beta_dpo times the reference code's. ``kl`` is the per-sample KL
+    (e.g. :func:`velocity_kl`); as in :func:`dgpo_loss`, ``num_groups`` is the global group count
+    so that micro-batches and ranks sum to the full-batch gradient.
+    """
+    if kl.dim() != 1:
+        raise ValueError(f"kl must be 1-D (one value per sample), got shape {tuple(kl.shape)}")
+    if num_groups <= 0:
+        raise ValueError(f"num_groups must be positive, got {num_groups}")
+    return kl_beta * beta * kl.sum() / num_groups
+
+
 def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     """Per-sample mean squared error over all non-batch dims.
 
@@ -239,8 +264,8 @@ def velocity_kl(v_theta: Tensor, v_ref: Tensor) -> Tensor:
 
         kl_n = mean_k (v_theta_{n,k} - v_ref_{n,k})^2
 
-    Not part of the paper's objective; the reference code adds it. The caller
-    multiplies by beta_kl and is responsible for ``v_ref`` carrying no gradient.
+    Not part of the paper's objective; the reference code adds it. The caller weights it
+    (:func:`dgpo_kl_term`) and is responsible for ``v_ref`` carrying no gradient.
     """
     return per_sample_mse(v_theta, v_ref)
 

@@ -15,6 +15,7 @@ import torch
 from ..losses import (
     apply_clip,
     best_worst_advantages,
+    dgpo_kl_term,
     dgpo_loss,
     flow_grpo_loss,
     group_advantages,
@@ -147,7 +148,8 @@ def preference_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float
     metrics.update(extra)
     if loss_cfg.kl_beta > 0:
         kl = velocity_kl(v_theta.float(), v_ref.float())
-        loss = loss + loss_cfg.kl_beta * kl.sum() / tr.layout.samples_per_step
+        # kl_beta is the reference code's beta_kl: the KL is weighted on the preference loss's scale.
+        loss = loss + dgpo_kl_term(kl, loss_cfg.beta, loss_cfg.kl_beta, tr.layout.groups_per_step)
         metrics["kl"] = kl.mean().detach()
     ref_forwards = (2 if loss_cfg.reference_guidance_scale != 1 else 1) + (1 if loss_cfg.ppo_clip_eps > 0 else 0)
     tr.count_forwards(len(ctx.sample_ids) * (3 + ref_forwards))

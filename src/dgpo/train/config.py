@@ -87,7 +87,10 @@ class LossConfig:
     t_max: float = _help("highest training sigma", default=1.0)
     t_min_end: float = _help("t_min at the last step, moved linearly from loss.t_min over run.max_steps (-1 = fixed)", default=-1.0)
     grid_points: int = _help("grid mode: draw from the first k sigmas of the rollout schedule", default=5)
-    kl_beta: float = _help("weight of mean((v_theta - v_ref)^2) (reference code 0.02; paper 0)", default=0.0)
+    kl_beta: float = _help("weight of the KL to the reference model, in the reference code's units (paper 0). dgpo: beta_kl of "
+                           "mean((v_theta - v_ref)^2) (DGPO code 0.02 GenEval/OCR, 0.001 PickScore); the term is weighted on the "
+                           "preference loss's scale (x beta x G), so the ratio of the two gradients is the reference code's. "
+                           "flow_grpo: Flow-GRPO's per-step KL weight (0.04)", default=0.0)
     reference_guidance_scale: float = _help("CFG of the reference model in training (paper mode 2: 4.5; mode 1: 1)", default=1.0)
     ppo_clip_eps: float = _help("dgpo: PPO-style clip against the rollout EMA model (paper: 1e-3..1e-2; 0 = off); "
                                 "flow_grpo: the ratio clip (Flow-GRPO 1e-4, required)", default=0.0)
@@ -100,7 +103,9 @@ class OptimConfig:
     lr: float = _help("AdamW learning rate", default=3e-4)
     weight_decay: float = _help("AdamW weight decay", default=1e-4)
     betas: tuple[float, float] = _help("AdamW betas", default=(0.9, 0.999))
-    grad_clip: float = _help("max gradient norm (0 = off)", default=1.0)
+    grad_clip: float = _help("max gradient norm (0 = off; the pre-clip norm is logged as grad_norm). dgpo's loss has the paper's exact "
+                             "gradient, beta x G (= beta_dpo) times the DGPO reference code's, so the reference's max_grad_norm 1.0 is "
+                             "beta x G here (100: the SD3.5-M GenEval recipe's beta_dpo); flow_grpo's gradient is Flow-GRPO's own (1.0)", default=100.0)
     updates_per_rollout: int = _help("optimizer steps on each rollout batch (fresh training timesteps and noise each; "
                                      "Flow-GRPO's inner epochs; 1 = the paper's DGPO)", default=1)
 
