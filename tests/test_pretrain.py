@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dgpo.models.shapes import LEGACY_SPECIAL_TOKENS, ShapesModel, WordTokenizer, orthogonal_text_encoder
 from dgpo.shapes.captions import EXACT_CAPTIONS, CaptionModel, caption_scene
-from dgpo.shapes.pretrain import PretrainConfig, build_pool, pretrain
+from dgpo.shapes.pretrain import PretrainConfig, build_pool, pretrain, snapshot
 from dgpo.shapes.prompts import PromptSpec, all_specs, scene_for_spec, vocabulary
 from dgpo.shapes.verifier import verify
 from dgpo.shapes.world import render_scene
@@ -158,6 +158,10 @@ def test_resumed_pretraining_equals_an_uninterrupted_one(tiny_model_dir, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "split"), log=_StopAt("dit step     3"))
     assert (tmp_path / "split" / "checkpoints").is_dir()
+    ema_at_two = load_file(str(tmp_path / "split" / "checkpoints" / "step-00000002" / "ema_transformer.safetensors"))
+    snapshot(tmp_path / "split", tmp_path / "snapshot", log=lambda line: None)
+    at_two = ShapesModel.from_pretrained(tmp_path / "snapshot").transformer.state_dict()
+    assert all(torch.equal(at_two[k], ema_at_two[k]) for k in ema_at_two)
     with pytest.raises(ValueError, match="--resume"):
         pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "split"), log=lambda line: None)
     with pytest.raises(ValueError, match="captions"):

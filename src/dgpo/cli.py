@@ -151,7 +151,11 @@ def cmd_sample(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from .shapes.captions import CaptionModel
-    from .shapes.pretrain import PretrainConfig, pretrain
+    from .shapes.pretrain import PretrainConfig, pretrain, snapshot
+
+    if args.snapshot:
+        snapshot(args.output, args.snapshot)
+        return 0
 
     known = {f.name for f in dataclasses.fields(CaptionModel)}
     unknown = sorted(set(dict(args.caption or [])) - known)
@@ -270,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-every", type=int, default=250, help="denoiser steps between checkpoints in OUTPUT/checkpoints (default: 250)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted pretraining from its newest checkpoint in --output")
+    p.add_argument("--snapshot", default="", metavar="DIR", help="save the EMA model of the newest checkpoint of the pretraining in --output to DIR, and exit")
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("rewards", help="list the registered rewards")

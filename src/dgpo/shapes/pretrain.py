@@ -293,3 +293,20 @@ def pretrain(cfg: PretrainConfig, log=print) -> ShapesModel:
     shutil.rmtree(checkpoints)
     log(f"saved to {output}")
     return model
+
+
+def snapshot(output: str | Path, destination: str | Path, log=print) -> ShapesModel:
+    """Save the EMA model of an unfinished pretraining's newest checkpoint to ``destination``, to evaluate it meanwhile."""
+    checkpoints = Path(output) / "checkpoints"
+    latest = latest_good_checkpoint(checkpoints, warn=log)
+    if latest is None:
+        raise FileNotFoundError(f"no pretraining checkpoint in {checkpoints}")
+    model = ShapesModel.from_pretrained(checkpoints / "start")
+    tensors, _, state = load_checkpoint(latest)
+    for name in ("transformer", "text_encoder"):
+        if f"ema_{name}" in tensors:
+            getattr(model, name).load_state_dict(tensors[f"ema_{name}"])
+    model.save_pretrained(destination)
+    log(f"saved the EMA model of step {state['step']} to {destination}")
+    return model
+
