@@ -11,6 +11,7 @@ from dgpo.losses import (
     dgpo_kl_term,
     dgpo_loss,
     dgpo_loss_exact,
+    flow_grpo_kl,
     flow_grpo_loss,
     group_advantages,
     local_group_sum,
@@ -497,3 +498,29 @@ def test_sde_step_kl_matches_torch_distributions():
     std = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1)
     kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean_a, std.expand_as(mean_a)), torch.distributions.Normal(mean_b, std.expand_as(mean_b)))
     torch.testing.assert_close(sde_step_kl(mean_a, mean_b, std), kl.mean(dim=(1, 2)))
+
+
+def test_flow_grpo_kl_is_the_reference_codes_form():
+    from dgpo.sampling import sde_step_mean_std
+
+    generator = torch.Generator().manual_seed(5)
+    # Flow-GRPO's SD3 grid (FlowMatchEulerDiscreteScheduler, 10 steps, shift 3): it starts at exactly 1.
+    base = torch.linspace(1.0, 1e-3, 10, dtype=torch.float64)
+    sigmas = torch.cat([3 * base / (1 + 2 * base), torch.zeros(1, dtype=torch.float64)])
+    index = torch.tensor([0, 3, 8])  # sigma 1 (where sigma_max enters), the middle, the last stochastic step
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    x = torch.randn(3, 2, 4, 4, generator=generator)
+    v_theta, v_ref = torch.randn(3, 2, 4, 4, generator=generator), torch.randn(3, 2, 4, 4, generator=generator)
+    a = 0.7
+    mean_theta, std = sde_step_mean_std(x, v_theta, sigma, sigma_next, a, sigma_max=sigmas[1])
+    mean_ref, _ = sde_step_mean_std(x, v_ref, sigma, sigma_next, a, sigma_max=sigmas[1])
+
+    # Flow-GRPO's sde_step_with_logprob and train_sd3.py, written out:
+    s = sigma.view(-1, 1, 1, 1)
+    std_dev_t = torch.sqrt(s / (1 - torch.where(s == 1, sigmas[1], s))) * a
+    reference = ((mean_theta - mean_ref) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std_dev_t**2)
+    torch.testing.assert_close(flow_grpo_kl(mean_theta, mean_ref, std, sigma_next - sigma), reference.flatten())
+    # ... which is |dt| times the exact KL between the two steps' Gaussians (1/|dt| = 3.7 to 25 on this grid).
+    exact = sde_step_kl(mean_theta, mean_ref, std)
+    torch.testing.assert_close(reference.flatten(), exact * (sigma - sigma_next))
+    assert (exact / reference.flatten()).min() > 3.5

@@ -381,13 +381,29 @@ def flow_grpo_loss(
 
 
 def sde_step_kl(mean_theta: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tensor:
-    """Per-sample KL between two SDE transitions with the same std (Flow-GRPO's KL term).
+    """Per-sample KL between two SDE transitions with the same std: the exact per-step KL.
 
         kl_n = MEAN over non-batch dims of (mean_theta - mean_ref)^2 / (2 std^2)
 
-    The mean over dimensions matches ``sampling.sde_step_log_prob`` and Flow-GRPO's code.
+    The mean over dimensions matches ``sampling.sde_step_log_prob`` and Flow-GRPO's code. Flow-GRPO's
+    training loss uses :func:`flow_grpo_kl`, which is this times |dt|.
     """
     if mean_theta.shape != mean_ref.shape:
         raise ValueError(f"shape mismatch: {tuple(mean_theta.shape)} vs {tuple(mean_ref.shape)}")
     squared = (mean_theta - mean_ref).square() / (2.0 * torch.as_tensor(std, dtype=mean_theta.dtype) ** 2)
     return squared.reshape(mean_theta.shape[0], -1).mean(dim=1)
+
+
+def flow_grpo_kl(mean_theta: Tensor, mean_ref: Tensor, std: Tensor | float, dt: Tensor | float) -> Tensor:
+    """Per-sample KL term of Flow-GRPO's loss, in its reference code's form (train_sd3.py).
+
+        kl_n = MEAN over non-batch dims of (mean_theta - mean_ref)^2 / (2 sigma_t^2),   sigma_t = std / sqrt(|dt|)
+
+    A step of the SDE is Gaussian with std ``std`` = sigma_t * sqrt(|dt|) (``sampling.sde_step_mean_std``),
+    sigma_t = a * sqrt(t / (1 - t)). The reference code divides by 2 * sigma_t^2, without the
+    sqrt(|dt|), so its term is |dt| times the exact KL of :func:`sde_step_kl`: this function returns
+    that, so that Flow-GRPO's KL weight (0.04) means what it means there. ``dt`` is a float or one
+    value per sample.
+    """
+    exact = sde_step_kl(mean_theta, mean_ref, std)
+    return exact * torch.as_tensor(dt, dtype=exact.dtype, device=exact.device).abs().reshape(-1)

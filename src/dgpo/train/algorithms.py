@@ -17,12 +17,12 @@ from ..losses import (
     best_worst_advantages,
     dgpo_kl_term,
     dgpo_loss,
+    flow_grpo_kl,
     flow_grpo_loss,
     group_advantages,
     per_sample_mse,
     ppo_clip_mask,
     rank_advantages,
-    sde_step_kl,
     velocity_kl,
 )
 from ..models.base import PromptEmbeddings
@@ -190,7 +190,8 @@ def flow_grpo_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]
     if loss_cfg.kl_beta > 0:
         with torch.no_grad(), tr.reference_model():
             mean_ref, _ = transition(tr.model.velocity)
-        kl = sde_step_kl(mean.float(), mean_ref.float(), std)
+        # Flow-GRPO's code form: |dt| times the exact per-step KL, so kl_beta 0.04 means what it means there.
+        kl = flow_grpo_kl(mean.float(), mean_ref.float(), std, sigma_next - sigma)
         loss = loss + loss_cfg.kl_beta * kl.sum() / tr.layout.samples_per_step
         metrics["kl"] = kl.mean().detach()
         forwards += cfg_factor
