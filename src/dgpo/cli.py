@@ -1,18 +1,22 @@
 """`dgpo` command line: train, eval, sample, pretrain-shapes, rewards, serve-reward, merge-lora.
 
-Errors a user can fix (config typos, missing files, bad prompts, corrupt checkpoints)
-are printed as one line, ``dgpo: error: ...``, with exit status 2.
+Errors a user can fix (config typos, missing files, bad prompts, corrupt checkpoints, a missing
+package or server: ``dgpo.errors.UserError``, ``ValueError``, ``FileNotFoundError``) are printed as
+one line, ``dgpo: error: ...``, with exit status 2. Anything else (a bug, running out of memory)
+keeps its traceback and Python's exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+from .errors import UserError
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +51,7 @@ def cmd_train(args) -> int:
     if args.config is None:
         raise ValueError("train needs a CONFIG recipe (e.g. configs/shapes/dgpo.yaml)")
     config = load_config(args.config, args.set or [])
-    summary = run_training(config, resume=args.resume)
+    summary = run_training(config, resume=args.resume, overwrite=args.overwrite)
     if summary["status"] != 0:
         return summary["status"]
     if summary.get("before") and summary.get("after"):
@@ -206,6 +210,13 @@ def cmd_merge_lora(args) -> int:
     return 0
 
 
+def _add_import_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--import", dest="imports", action="append", metavar="MODULE",
+        help="import a module that registers your own reward, algorithm or backend (repeatable), e.g. --import my_rewards",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgpo", description="Direct Group Preference Optimization for flow-matching text-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/shapes/dgpo.yaml")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field (repeatable), e.g. --set loss.beta=100")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in run.output_dir")
+    p.add_argument("--overwrite", action="store_true", help="delete what run.output_dir holds and start a new run there")
     p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    _add_import_arg(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("compare", help="run several recipes under one budget and evaluation protocol",
@@ -234,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="recipe the ratios are relative to (default: the first)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override applied to every recipe (repeatable)")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in OUTPUT/runs whose config matches")
+    _add_import_arg(p)
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("eval", help="ShapesEval table of a checkpoint", description="Evaluate a ShapesEval model (plus optional LoRA adapter) on the test prompts.")
@@ -245,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--grid", help="write an image grid PNG here")
     _add_sampler_args(p)
+    _add_import_arg(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("sample", help="generate images for prompts into a PNG grid")
@@ -255,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="samples.png")
     _add_sampler_args(p)
+    _add_import_arg(p)
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("pretrain-shapes", help="pretrain the ShapesEval base model from scratch (deterministic)")
@@ -278,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("rewards", help="list the registered rewards")
+    _add_import_arg(p)
     p.set_defaults(fn=cmd_rewards)
 
     p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (for the `remote` reward)",
@@ -286,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; the server has no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE", help="reward factory option (repeatable), e.g. --option model=/weights/pickscore")
+    _add_import_arg(p)
     p.set_defaults(fn=cmd_serve_reward)
 
     p = sub.add_parser("merge-lora", help="fuse a trained LoRA into its base model and save the whole pipeline",
@@ -301,13 +319,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PLUGIN_GROUP = "dgpo.plugins"
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Import the installed ``dgpo.plugins`` entry points and the ``--import`` modules: importing one runs its
+    ``register_reward`` / ``register_algorithm`` / ``register_model`` calls. Modules are found on sys.path and in
+    the current directory."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()
+    if modules and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name and not name.startswith(f"{exc.name}."):
+                raise
+            raise UserError(f"--import {name}: no module named {exc.name!r} on the path or in {os.getcwd()}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        load_plugins(getattr(args, "imports", None) or [])
         return args.fn(args)
-    except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"dgpo: error: {message}", file=sys.stderr)
+    except (UserError, ValueError, FileNotFoundError) as exc:
+        print(f"dgpo: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from . import register_reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -33,7 +34,7 @@ class ClipEmbedder:
             self.model = CLIPModel.from_pretrained(model).eval().requires_grad_(False).to(self.device)
             self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer) if tokenizer else None
         except OSError as exc:
-            raise RuntimeError(f"reward {reward!r}: cannot load {model!r} (a local directory or a hub id): {exc}") from exc
+            raise UserError(f"reward {reward!r}: cannot load {model!r} (a local directory or a hub id): {exc}") from exc
         self.image_size = self.model.config.vision_config.image_size
         self.max_tokens = self.model.config.text_config.max_position_embeddings
         self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
@@ -126,7 +127,7 @@ def aesthetic(model: str | None = None, head: str | None = None, device: str | N
     model = model or os.environ.get("DGPO_AESTHETIC_MODEL", "openai/clip-vit-large-patch14")
     head = head or os.environ.get("DGPO_AESTHETIC_HEAD")
     if not head:
-        raise RuntimeError("reward 'aesthetic' needs a head: set DGPO_AESTHETIC_HEAD to a .safetensors file (or pass head=)")
+        raise UserError("reward 'aesthetic' needs a head: set DGPO_AESTHETIC_HEAD to a .safetensors file (or pass head=)")
     clip = ClipEmbedder("aesthetic", model, None, device, batch_size)
     mlp = load_linear_head(head).to(clip.device)
     if mlp[0].in_features != clip.model.config.projection_dim:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import UserError
 from . import register_reward, to_pil_images
 from .clip import ClipEmbedder
 
@@ -335,7 +336,7 @@ def _import_mmdet():
     try:
         from mmdet.apis import inference_detector, init_detector
     except ImportError as exc:
-        raise RuntimeError(f"the geneval reward needs {exc.name or 'mmdet'}, missing here (the GenEval extra: mmdet 2.x, mmcv-full 1.7): {INSTALL}") from None
+        raise UserError(f"the geneval reward needs {exc.name or 'mmdet'}, missing here (the GenEval extra: mmdet 2.x, mmcv-full 1.7): {INSTALL}") from None
     return init_detector, inference_detector
 
 
@@ -349,7 +350,7 @@ def default_config() -> str:
         path = configs / "mask2former" / f"{MASK2FORMER}.py"
         if path.is_file():
             return str(path)
-    raise RuntimeError(f"reward 'geneval': mmdet has no configs/mask2former/{MASK2FORMER}.py; pass config= or set DGPO_GENEVAL_CONFIG")
+    raise UserError(f"reward 'geneval': mmdet has no configs/mask2former/{MASK2FORMER}.py; pass config= or set DGPO_GENEVAL_CONFIG")
 
 
 class Mask2Former:
@@ -361,7 +362,7 @@ class Mask2Former:
         config = config or os.environ.get("DGPO_GENEVAL_CONFIG") or default_config()
         checkpoint = checkpoint or os.environ.get("DGPO_GENEVAL_CHECKPOINT")
         if not checkpoint:
-            raise RuntimeError(f"reward 'geneval' needs the Mask2Former weights: set DGPO_GENEVAL_CHECKPOINT (or pass checkpoint=) to {MASK2FORMER}.pth, from {MASK2FORMER_URL}")
+            raise UserError(f"reward 'geneval' needs the Mask2Former weights: set DGPO_GENEVAL_CHECKPOINT (or pass checkpoint=) to {MASK2FORMER}.pth, from {MASK2FORMER_URL}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = init_detector(config, checkpoint, device=self.device)
         self.batch_size = int(batch_size)

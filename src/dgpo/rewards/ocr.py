@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import torch
 
+from ..errors import UserError
 from . import register_reward, to_pil_images
 
 
@@ -51,10 +52,10 @@ def ocr(psm: int = 11):
     try:
         import pytesseract
     except ImportError:
-        raise RuntimeError("the ocr reward needs pytesseract: pip install 'dgpo[ocr]'") from None
+        raise UserError("the ocr reward needs pytesseract: pip install 'dgpo[ocr]'") from None
     binary = pytesseract.pytesseract.tesseract_cmd
     if shutil.which(binary) is None:
-        raise RuntimeError(f"the ocr reward needs the {binary!r} binary on PATH: apt-get install tesseract-ocr")
+        raise UserError(f"the ocr reward needs the {binary!r} binary on PATH: apt-get install tesseract-ocr")
     # psm 11 (sparse text) finds words anywhere in a picture; the default assumes a page layout.
     config = f"--psm {psm}"
 

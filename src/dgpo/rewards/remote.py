@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserError
 from . import as_scores, get_reward, register_reward, to_pil_images
 
 SCHEMA_VERSION = 1
@@ -127,7 +128,7 @@ def remote(url: str | None = None, reward: str | None = None, batch_size: int = 
     url = (url or os.environ.get("DGPO_REMOTE_URL") or "").rstrip("/")
     reward = reward or os.environ.get("DGPO_REMOTE_REWARD")
     if not url:
-        raise RuntimeError("reward 'remote' needs a server URL: set DGPO_REMOTE_URL or pass url=")
+        raise UserError("reward 'remote' needs a server URL: set DGPO_REMOTE_URL or pass url=")
     label = f"remote reward {reward!r} at {url}" if reward else f"remote reward at {url}"
     attempts = int(retries) + 1
 
@@ -143,10 +144,10 @@ def remote(url: str | None = None, reward: str | None = None, batch_size: int = 
             except urllib.error.HTTPError as exc:
                 error = f"HTTP {exc.code}: {exc.read().decode(errors='replace')}"
                 if exc.code < 500:
-                    raise RuntimeError(f"{label} rejected the request: {error}") from exc
+                    raise UserError(f"{label} rejected the request: {error}") from exc
             except OSError as exc:  # refused, reset, timed out (URLError and TimeoutError are OSErrors)
                 error = f"{type(exc).__name__}: {exc}"
-        raise RuntimeError(f"{label} failed after {attempts} attempts: {error}")
+        raise UserError(f"{label} failed after {attempts} attempts: {error}")
 
     def score(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> np.ndarray:
         scores = []
@@ -155,7 +156,7 @@ def remote(url: str | None = None, reward: str | None = None, batch_size: int = 
             body = post({"version": SCHEMA_VERSION, "images": encode_images(images[start:stop]),
                          "prompts": list(prompts[start:stop]), "metadata": list(metadata[start:stop])})
             if body.get("version") != SCHEMA_VERSION or (reward and body.get("reward") != reward):
-                raise RuntimeError(f"{label} answered with schema {body.get('version')!r} for reward {body.get('reward')!r}")
+                raise UserError(f"{label} answered with schema {body.get('version')!r} for reward {body.get('reward')!r}")
             scores.extend(body["scores"])
         return as_scores(scores, len(prompts), "remote")
 

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
+
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     pass
 
 

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..errors import UserError  # noqa: E402
 from ..shapes.prompts import CATEGORIES  # noqa: E402
 from .config import load_config  # noqa: E402
 from .run import run_training  # noqa: E402
@@ -63,9 +64,9 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     else:
         limits = [f"{budget.steps} steps"] + ([f"{budget.seconds:.0f} s"] if budget.seconds else []) + ([f"{budget.forwards:.3g} forwards"] if budget.forwards else [])
         log(f"{name}: training {recipe} (budget {', '.join(limits)})")
-        summary = run_training(config, log=log)
+        summary = run_training(config, overwrite=True, log=log)
         if summary["status"] != 0:
-            raise RuntimeError(f"recipe {name} stopped early with status {summary['status']}")
+            raise UserError(f"recipe {name} stopped early with status {summary['status']}")
     return json.loads((run_dir / "evals.json").read_text())
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
+
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
@@ -17,5 +19,5 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     try:
         import bitsandbytes
     except ImportError:
-        raise RuntimeError("optim.optimizer=adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
+        raise UserError("optim.optimizer=adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
     return bitsandbytes.optim.AdamW8bit

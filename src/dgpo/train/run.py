@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -120,10 +121,29 @@ def comparison_table(before: dict, after: dict) -> str:
     return "\n".join(rows)
 
 
-def run_training(config: Config, resume: bool = False, log=print) -> dict:
-    """Evaluate (cached across resumes), train, evaluate, write ``report.md``, ``results.json``, curves and grids."""
+def check_run_directory(path: Path, resume: bool, overwrite: bool) -> None:
+    """A new run starts only in an empty or absent directory, so that no file of one run is mixed into another."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in run.output_dir and --overwrite deletes it: pass one of them")
+    if resume or overwrite or not path.is_dir():
+        return
+    held = sorted(p.name for p in path.iterdir())
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(f"run.output_dir {path} already holds a run ({shown}); pass --resume to continue it or --overwrite to replace it")
+
+
+def run_training(config: Config, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    """Evaluate (cached across resumes), train, evaluate, write ``report.md``, ``results.json``, curves and grids.
+
+    A new run refuses a non-empty ``run.output_dir`` unless ``overwrite``, which empties it first.
+    """
+    check_run_directory(Path(config.run.output_dir), resume, overwrite)
     trainer = Trainer(config, log=log)
     out = trainer.output
+    if overwrite and trainer.acc.is_main_process:
+        shutil.rmtree(out, ignore_errors=True)
+    trainer.acc.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
     is_shapes = config.model.backend == "shapes"
     evals_path = out / "evals.json"
