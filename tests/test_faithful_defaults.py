@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,3 +26,29 @@ def test_grad_norm_in_metrics_is_the_norm_before_clipping(tiny_model_dir, tmp_pa
         norms[clip] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
     # The first step's gradient does not depend on the clip; a post-clip norm would read 1e-6.
     assert norms[1e-6] == norms[0.0] > 1e-3
+
+
+# ----- the GPU recipes against the reference configs (DGPO's config/dgpo.py, written out) --------
+
+REPO = Path(__file__).resolve().parents[1]
+
+# geneval_sd3_4gpu, general_ocr_sd3_4gpu and pickscore_sd3_4gpu, with what they inherit from compressibility()
+# and base.get_config(): G, beta_dpo, beta_kl, clip_range (clip_dsm is on in all three), max_grad_norm.
+REFERENCE_CONFIGS = {
+    "sd35m/geneval": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0},
+    "sd35m/ocr": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0},
+    "sd35m/pickscore": {"G": 24, "beta_dpo": 10, "beta_kl": 0.001, "clip_range": 5e-2, "max_grad_norm": 1.0},
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(REFERENCE_CONFIGS))
+def test_gpu_recipes_match_the_reference_configs(recipe):
+    reference = REFERENCE_CONFIGS[recipe]
+    c = load_config(REPO / "configs" / f"{recipe}.yaml")
+    G = c.data.group_size
+    assert G == reference["G"]
+    assert c.loss.beta * G == pytest.approx(reference["beta_dpo"], rel=1e-3)  # loss.beta is beta_dpo / G
+    assert c.loss.kl_beta == reference["beta_kl"]  # in the reference code's units (dgpo_kl_term)
+    assert c.loss.ppo_clip_eps == reference["clip_range"]
+    # the trainer's gradient is beta x G times the reference code's
+    assert c.optim.grad_clip == pytest.approx(reference["max_grad_norm"] * reference["beta_dpo"], rel=1e-3)
