@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dgpo.train.config import load_config
+from dgpo.train.ema import ramped_decay
 from dgpo.train.loop import Trainer
 from test_train import tiny_overrides
 
@@ -35,9 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 # geneval_sd3_4gpu, general_ocr_sd3_4gpu and pickscore_sd3_4gpu, with what they inherit from compressibility()
 # and base.get_config(): G, beta_dpo, beta_kl, clip_range (clip_dsm is on in all three), max_grad_norm.
 REFERENCE_CONFIGS = {
-    "sd35m/geneval": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0},
-    "sd35m/ocr": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0},
-    "sd35m/pickscore": {"G": 24, "beta_dpo": 10, "beta_kl": 0.001, "clip_range": 5e-2, "max_grad_norm": 1.0},
+    "sd35m/geneval": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0, "switch_ema_ref": 500},
+    "sd35m/ocr": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0, "switch_ema_ref": 200},
+    "sd35m/pickscore": {"G": 24, "beta_dpo": 10, "beta_kl": 0.001, "clip_range": 5e-2, "max_grad_norm": 1.0, "switch_ema_ref": 200},
 }
 
 
@@ -52,3 +53,38 @@ def test_gpu_recipes_match_the_reference_configs(recipe):
     assert c.loss.ppo_clip_eps == reference["clip_range"]
     # the trainer's gradient is beta x G times the reference code's
     assert c.optim.grad_clip == pytest.approx(reference["max_grad_norm"] * reference["beta_dpo"], rel=1e-3)
+    # The reference samples with the EMA at an epoch that starts with 'global_step > switch_ema_ref'
+    # (one optimizer step per epoch); the trainer from step index rollout.ema_after on.
+    first_ema_step = next(step for step in range(10_000) if 0 <= c.rollout.ema_after <= step)
+    assert first_ema_step == next(step for step in range(10_000) if step > reference["switch_ema_ref"])
+    assert [ramped_decay(k, c.rollout.ema_decay, c.rollout.ema_ramp) for k in (0, 150, 299, 300, 900)] == \
+        [min(0.3, 0.001 * k) for k in (0, 150, 299, 300, 900)]
+
+
+# ----- the rollout EMA's ramp -------------------------------------------------------------------
+
+
+def test_ramped_decay_is_the_reference_schedule_and_zero_ramp_is_fixed():
+    for step in (0, 1, 7, 299, 300, 301, 5000):
+        assert ramped_decay(step, 0.3, 0.001) == min(0.3, 0.001 * step)  # train_sd3_dgpo.py: ema_ref_decay
+        assert ramped_decay(step, 0.3, 0.0) == 0.3
+
+
+def test_rollout_ema_follows_the_ramped_decay_in_training(tiny_model_dir, tmp_path):
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 3, "rollout.ema_decay": 0.3, "rollout.ema_ramp": 0.25}))
+    trainer = Trainer(config, **QUIET)
+    initial = [p.detach().clone() for _, p in trainer.trainable]
+    after_each_step = []
+    trainer.train(on_step=lambda tr, metrics: after_each_step.append([p.detach().clone() for _, p in tr.trainable]))
+
+    def ema(decay_at):
+        shadow = initial
+        for step, params in enumerate(after_each_step):
+            shadow = [decay_at(step) * s + (1 - decay_at(step)) * p for s, p in zip(shadow, params)]
+        return shadow
+
+    ramped = ema(lambda step: min(0.3, 0.25 * step))  # 0 (the EMA becomes the policy), 0.25, then 0.3
+    fixed = ema(lambda step: 0.3)
+    for expected, actual in zip(ramped, trainer.rollout_ema.shadow):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+    assert any(not torch.allclose(a, b) for a, b in zip(ramped, fixed))

@@ -58,7 +58,9 @@ class RolloutConfig:
     shift: float = _help("SD3 time shift of the sigma schedule", default=3.0)
     guidance_scale: float = _help("CFG scale during rollouts (1 = no CFG; paper mode 1: 4.5)", default=4.5)
     ema_after: int = _help("use an EMA of the policy as rollout model after this many steps (-1: never; paper 200)", default=200)
-    ema_decay: float = _help("decay of the rollout EMA (paper 0.3)", default=0.3)
+    ema_decay: float = _help("decay of the rollout EMA (paper 0.3); also the 'old' model of loss.ppo_clip_eps", default=0.3)
+    ema_ramp: float = _help("the rollout EMA's decay after step k (0-based) is min(ema_decay, ema_ramp * k), as in the reference "
+                            "code (0.001: it follows the policy at first, full decay from step 300); 0 = ema_decay throughout", default=0.001)
     noise_level: float = _help("sde sampler: a in sigma_t = a * sqrt(t / (1 - t)) (Flow-GRPO 0.7)", default=0.7)
     offline_pool: int = _help("offline training: rollouts come from the frozen reference model, generated once for "
                               "this many steps' prompts and reused cyclically (0 = online)", default=0)
@@ -167,6 +169,7 @@ class Config:
             (r.noise_level > 0, f"rollout.noise_level must be > 0, got {r.noise_level}"),
             (r.offline_pool >= 0, f"rollout.offline_pool must be >= 0 (0 = online), got {r.offline_pool}"),
             (0 <= r.ema_decay < 1, f"rollout.ema_decay must be in [0, 1), got {r.ema_decay}"),
+            (r.ema_ramp >= 0, f"rollout.ema_ramp must be >= 0 (0 = fixed rollout.ema_decay), got {r.ema_ramp}"),
             (0 <= self.eval.ema_decay < 1, f"eval.ema_decay must be in [0, 1), got {self.eval.ema_decay}"),
             (l.beta > 0, f"loss.beta must be > 0, got {l.beta}"),
             (l.timesteps >= 1, f"loss.timesteps must be >= 1, got {l.timesteps}"),

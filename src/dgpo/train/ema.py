@@ -6,6 +6,17 @@ import contextlib
 import torch
 
 
+def ramped_decay(step: int, decay: float, ramp: float) -> float:
+    """Decay of the rollout EMA's update after optimizer step ``step`` (0-based), DGPO reference code:
+
+        decay_step = min(decay, ramp * step)        (ramp 0: the fixed ``decay``)
+
+    The reference (train_sd3_dgpo.py) ramps with 0.001 to 0.3, so the EMA follows the policy
+    exactly at the first step and averages fully from step 300 on.
+    """
+    return decay if ramp <= 0 else min(decay, ramp * step)
+
+
 class ParameterEMA:
     """shadow <- decay * shadow + (1 - decay) * param, over a fixed list of named parameters."""
 
@@ -16,9 +27,11 @@ class ParameterEMA:
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, decay: float | None = None) -> None:
+        """One EMA step with ``decay`` (default: the decay given at construction)."""
+        weight = 1.0 - (self.decay if decay is None else decay)
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1.0 - self.decay)
+            s.lerp_(p.detach(), weight)
 
     @contextlib.contextmanager
     def swapped_in(self):

@@ -34,7 +34,7 @@ from .algorithms import UpdateContext, get_advantage, get_algorithm
 from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import GroupLayout, Prompt, PromptSource
-from .ema import ParameterEMA
+from .ema import ParameterEMA, ramped_decay
 from .optim import optimizer_class
 
 PREEMPTED_EXIT_CODE = 75
@@ -467,7 +467,8 @@ class Trainer:
         t_reward = time.perf_counter()
         for update_index in range(self.config.optim.updates_per_rollout):
             metrics = self.update(step, rollout, advantages, update_index)
-        self.rollout_ema.update()
+        r = self.config.rollout
+        self.rollout_ema.update(ramped_decay(step, r.ema_decay, r.ema_ramp))
         if self.eval_ema is not None:
             self.eval_ema.update()
         elapsed = time.perf_counter() - start
