@@ -88,3 +88,49 @@ def test_rollout_ema_follows_the_ramped_decay_in_training(tiny_model_dir, tmp_pa
     for expected, actual in zip(ramped, trainer.rollout_ema.shadow):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
     assert any(not torch.allclose(a, b) for a, b in zip(ramped, fixed))
+
+
+# ----- grid timesteps: the reference code's shared draw -----------------------------------------
+
+
+def test_shared_grid_draw_is_m_distinct_points_for_the_whole_batch(tiny_model_dir, tmp_path):
+    overrides = {"rollout.num_steps": 6, "loss.timestep_mode": "grid", "loss.grid_points": 5, "loss.timesteps": 3}
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), **QUIET)
+    assert trainer.config.loss.grid_draw == "shared"  # the default
+    grid = trainer.rollout_sigmas()[:5]
+    counts = torch.zeros(5)
+    draws = set()
+    for step in range(300):
+        # train_sd3_dgpo.py: sampled_timesteps = random.sample(range(trunc_steps + 1), M), broadcast to every rank,
+        # then every micro-batch trains sample["timesteps"][:, j] for j in sampled_timesteps.
+        per_pass = []
+        for k in range(3):
+            one_micro_batch = trainer.training_sigmas(step, (0, k), torch.tensor([0, 0, 1, 1]))
+            another_process = trainer.training_sigmas(step, (0, k), torch.tensor([6, 7, 7]))
+            assert torch.equal(one_micro_batch, torch.full((4,), float(one_micro_batch[0])))
+            assert torch.equal(another_process, torch.full((3,), float(one_micro_batch[0])))
+            per_pass.append(int(torch.nonzero(grid == one_micro_batch[0])))
+        assert len(set(per_pass)) == 3  # distinct: a draw without replacement
+        counts[per_pass] += 1
+        draws.add(tuple(per_pass))
+    # every point equally likely (3 of 5 per step: 180 of 300 expected), every ordered triple possible (60)
+    assert counts.min() > 140 and counts.max() < 220
+    assert len(draws) > 50
+    # fresh points for a second update on the same rollout, as the reference's inner epochs draw afresh
+    assert any(not torch.equal(trainer.shared_grid_points(step, 0), trainer.shared_grid_points(step, 1)) for step in range(5))
+
+
+def test_per_group_grid_draw_is_still_offered(tiny_model_dir, tmp_path):
+    overrides = {"rollout.num_steps": 6, "loss.timestep_mode": "grid", "loss.grid_points": 5, "loss.grid_draw": "per_group"}
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), **QUIET)
+    sigmas = torch.stack([trainer.training_sigmas(step, (0, 0), torch.arange(8)) for step in range(4)])
+    assert len(set(sigmas.flatten().tolist())) > 1 and not all(len(set(row.tolist())) == 1 for row in sigmas)
+
+
+def test_shared_grid_draw_needs_enough_grid_points():
+    from dgpo.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="grid_draw=shared"):
+        load_config(None, ["loss.timestep_mode=grid", "loss.grid_points=3", "loss.timesteps=4"])
+    load_config(None, ["loss.timestep_mode=grid", "loss.grid_points=3", "loss.timesteps=4", "loss.grid_draw=per_group"])
+    load_config(None, ["loss.grid_points=3", "loss.timesteps=4"])  # continuous mode: no grid draw

@@ -89,6 +89,9 @@ class LossConfig:
     t_max: float = _help("highest training sigma", default=1.0)
     t_min_end: float = _help("t_min at the last step, moved linearly from loss.t_min over run.max_steps (-1 = fixed)", default=-1.0)
     grid_points: int = _help("grid mode: draw from the first k sigmas of the rollout schedule", default=5)
+    grid_draw: str = _help("grid mode: shared = the reference code's draw, loss.timesteps distinct grid points per step, the same for "
+                           "every group (pass k trains the k-th); per_group = each group draws its own point, with replacement, "
+                           "in every pass", default="shared")
     kl_beta: float = _help("weight of the KL to the reference model, in the reference code's units (paper 0). dgpo: beta_kl of "
                            "mean((v_theta - v_ref)^2) (DGPO code 0.02 GenEval/OCR, 0.001 PickScore); the term is weighted on the "
                            "preference loss's scale (x beta x G), so the ratio of the two gradients is the reference code's. "
@@ -180,6 +183,10 @@ class Config:
             (l.algorithm != "flow_grpo" or l.ppo_clip_eps > 0, "loss.algorithm=flow_grpo needs loss.ppo_clip_eps > 0 (its ratio clip; Flow-GRPO uses 1e-4)"),
             (l.algorithm != "flow_grpo" or l.timesteps <= r.num_steps, f"flow_grpo trains loss.timesteps={l.timesteps} of the rollout.num_steps={r.num_steps} SDE steps; it cannot exceed them"),
             (1 <= l.grid_points <= r.num_steps, f"loss.grid_points must be in [1, rollout.num_steps={r.num_steps}], got {l.grid_points}"),
+            (l.grid_draw in ("shared", "per_group"), f"loss.grid_draw must be shared or per_group, got {l.grid_draw!r}"),
+            (l.timestep_mode != "grid" or l.grid_draw != "shared" or l.algorithm == "flow_grpo" or l.timesteps <= l.grid_points,
+             f"loss.grid_draw=shared trains loss.timesteps={l.timesteps} distinct grid points; loss.grid_points={l.grid_points} "
+             "has fewer (raise grid_points or use grid_draw=per_group)"),
             (l.kl_beta >= 0, f"loss.kl_beta must be >= 0, got {l.kl_beta}"),
             (l.ppo_clip_eps >= 0, f"loss.ppo_clip_eps must be >= 0 (0 = off), got {l.ppo_clip_eps}"),
             (l.reference_guidance_scale >= 1, f"loss.reference_guidance_scale must be >= 1, got {l.reference_guidance_scale}"),

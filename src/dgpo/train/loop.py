@@ -29,7 +29,7 @@ from ..models import load_model
 from ..models.base import PromptEmbeddings, cat_embeddings, index_embeddings
 from ..rewards import as_scores, combine_rewards, get_reward
 from ..sampling import cfg_velocity, flow_sigmas, get_sampler, sde_sample
-from ..seeding import keyed_randn, keyed_uniform, stable_seed
+from ..seeding import keyed_generator, keyed_randn, keyed_uniform, stable_seed
 from .algorithms import UpdateContext, get_advantage, get_algorithm
 from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
@@ -403,15 +403,30 @@ class Trainer:
         progress = min(step / max(self.config.run.max_steps - 1, 1), 1.0)
         return l.t_min + progress * (l.t_min_end - l.t_min)
 
-    def training_sigmas(self, step: int, k: object, group_ids: torch.Tensor) -> torch.Tensor:
-        """One training sigma per group (timestep clipping to [t_min, t_max] or the first grid points)."""
+    def training_sigmas(self, step: int, k: tuple[int, int], group_ids: torch.Tensor) -> torch.Tensor:
+        """One training sigma per sample for pass ``k = (update_index, pass_index)``: timestep clipping to
+        [t_min, t_max] (one draw per group), or one of the first grid points of the rollout schedule."""
         l = self.config.loss
+        if l.timestep_mode == "grid" and l.grid_draw == "shared":
+            grid = self.rollout_sigmas()[: l.grid_points]
+            update_index, pass_index = k
+            point = self.shared_grid_points(step, update_index)[pass_index]
+            return grid[point].expand(len(group_ids)).clone()
         u = keyed_uniform([("timestep", self.config.run.seed, step, int(g), k) for g in group_ids], device=self.acc.device)
         if l.timestep_mode == "continuous":
             t_min = self.t_min(step)
             return t_min + u * (l.t_max - t_min)
         grid = self.rollout_sigmas()[: l.grid_points]
         return grid[(u * l.grid_points).long().clamp(max=l.grid_points - 1)]
+
+    def shared_grid_points(self, step: int, update_index: int = 0) -> torch.Tensor:
+        """The reference code's grid draw: loss.timesteps distinct indices into the first loss.grid_points
+        rollout sigmas, one set for the whole step (every group, micro-batch and process), pass k training
+        entry k. Keyed by seed and step (and the update on this rollout, so that each of
+        optim.updates_per_rollout draws afresh, as the reference's inner epochs do)."""
+        l = self.config.loss
+        order = torch.randperm(l.grid_points, generator=keyed_generator("grid-timesteps", self.config.run.seed, step, update_index))
+        return order[: l.timesteps]
 
     def trajectory_steps(self, step: int, k: int, sample_ids: torch.Tensor, update_index: int = 0) -> torch.Tensor:
         """The SDE step each sample trains in pass k: entry k of a keyed permutation of the rollout's steps."""
