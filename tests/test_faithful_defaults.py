@@ -36,10 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 # geneval_sd3_4gpu, general_ocr_sd3_4gpu and pickscore_sd3_4gpu, with what they inherit from compressibility()
 # and base.get_config(): G, beta_dpo, beta_kl, clip_range (clip_dsm is on in all three), max_grad_norm.
 REFERENCE_CONFIGS = {
-    "sd35m/geneval": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0, "switch_ema_ref": 500},
-    "sd35m/ocr": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0, "switch_ema_ref": 200},
-    "sd35m/pickscore": {"G": 24, "beta_dpo": 10, "beta_kl": 0.001, "clip_range": 5e-2, "max_grad_norm": 1.0, "switch_ema_ref": 200},
+    "sd35m/geneval": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0, "switch_ema_ref": 500,
+                      "global_std": False, "trunc_steps": 4},
+    "sd35m/ocr": {"G": 16, "beta_dpo": 100, "beta_kl": 0.02, "clip_range": 1e-2, "max_grad_norm": 1.0, "switch_ema_ref": 200,
+                  "global_std": True, "trunc_steps": 6},
+    "sd35m/pickscore": {"G": 24, "beta_dpo": 10, "beta_kl": 0.001, "clip_range": 5e-2, "max_grad_norm": 1.0, "switch_ema_ref": 200,
+                        "global_std": True, "trunc_steps": 6},
 }
+# shared by all three: num_train_timesteps 4 (M), 10 DPM-Solver steps at shift 3 and CFG 4.5, lr 3e-4, weight decay 1e-4,
+# adv_clip_max 5, 8 groups per optimizer step
+REFERENCE_COMMON = {"M": 4, "num_steps": 10, "flow_shift": 3.0, "guidance_scale": 4.5, "learning_rate": 3e-4, "adam_weight_decay": 1e-4,
+                    "adv_clip_max": 5.0, "num_groups": 8}
 
 
 @pytest.mark.parametrize("recipe", sorted(REFERENCE_CONFIGS))
@@ -51,6 +58,15 @@ def test_gpu_recipes_match_the_reference_configs(recipe):
     assert c.loss.beta * G == pytest.approx(reference["beta_dpo"], rel=1e-3)  # loss.beta is beta_dpo / G
     assert c.loss.kl_beta == reference["beta_kl"]  # in the reference code's units (dgpo_kl_term)
     assert c.loss.ppo_clip_eps == reference["clip_range"]
+    assert c.reward.std_mode == ("global" if reference["global_std"] else "group")
+    # training timesteps: M distinct points of the first trunc_steps + 1 rollout sigmas, shared by the batch
+    assert (c.loss.timestep_mode, c.loss.grid_draw) == ("grid", "shared")
+    assert c.loss.grid_points == reference["trunc_steps"] + 1
+    common = REFERENCE_COMMON
+    assert (c.loss.timesteps, c.rollout.num_steps, c.rollout.shift, c.rollout.guidance_scale) == \
+        (common["M"], common["num_steps"], common["flow_shift"], common["guidance_scale"])
+    assert (c.optim.lr, c.optim.weight_decay, c.reward.advantage_clip, c.data.groups_per_step) == \
+        (common["learning_rate"], common["adam_weight_decay"], common["adv_clip_max"], common["num_groups"])
     # the trainer's gradient is beta x G times the reference code's
     assert c.optim.grad_clip == pytest.approx(reference["max_grad_norm"] * reference["beta_dpo"], rel=1e-3)
     # The reference samples with the EMA at an epoch that starts with 'global_step > switch_ema_ref'

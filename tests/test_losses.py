@@ -77,6 +77,22 @@ def test_group_advantages_global_std():
     torch.testing.assert_close(advantages, centred / global_std)
 
 
+def test_group_advantages_global_std_is_the_reference_stat_tracker():
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(6)
+    rewards = torch.rand(12, generator=generator)
+    group_ids = torch.arange(3).repeat_interleave(4)
+    # flow_grpo/stat_tracking.py, PerPromptStatTracker(global_std=True).update, written out:
+    r = rewards.numpy()
+    expected = np.empty_like(r)
+    for g in range(3):
+        members = group_ids.numpy() == g
+        expected[members] = (r[members] - np.mean(r[members])) / (np.std(r) + 1e-4)
+    advantages = group_advantages(rewards, group_ids, std_mode="global", eps=1e-4, clip=None)
+    torch.testing.assert_close(advantages, torch.from_numpy(expected))
+
+
 def test_group_advantages_no_std_only_centres():
     rewards, group_ids = two_group_rewards()
     advantages = group_advantages(rewards, group_ids, std_mode="none", clip=None)
