@@ -1,6 +1,7 @@
 """Issue 13: the trainer against the DGPO and Flow-GRPO reference code (its formulas written out here)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from dgpo.train.config import load_config
-from dgpo.train.ema import ramped_decay
+from dgpo.train.ema import eval_ema_decay, ramped_decay
 from dgpo.train.loop import Trainer
 from test_train import tiny_overrides
 
@@ -46,7 +47,7 @@ REFERENCE_CONFIGS = {
 # shared by all three: num_train_timesteps 4 (M), 10 DPM-Solver steps at shift 3 and CFG 4.5, lr 3e-4, weight decay 1e-4,
 # adv_clip_max 5, 8 groups per optimizer step
 REFERENCE_COMMON = {"M": 4, "num_steps": 10, "flow_shift": 3.0, "guidance_scale": 4.5, "learning_rate": 3e-4, "adam_weight_decay": 1e-4,
-                    "adv_clip_max": 5.0, "num_groups": 8}
+                    "adv_clip_max": 5.0, "num_groups": 8, "eval_num_steps": 14, "ema_decay": 0.9, "ema_update_step_interval": 8}
 
 
 @pytest.mark.parametrize("recipe", sorted(REFERENCE_CONFIGS))
@@ -67,6 +68,7 @@ def test_gpu_recipes_match_the_reference_configs(recipe):
         (common["M"], common["num_steps"], common["flow_shift"], common["guidance_scale"])
     assert (c.optim.lr, c.optim.weight_decay, c.reward.advantage_clip, c.data.groups_per_step) == \
         (common["learning_rate"], common["adam_weight_decay"], common["adv_clip_max"], common["num_groups"])
+    assert (c.eval.num_steps, c.eval.ema_decay, c.eval.ema_every) == (common["eval_num_steps"], common["ema_decay"], common["ema_update_step_interval"])
     # the trainer's gradient is beta x G times the reference code's
     assert c.optim.grad_clip == pytest.approx(reference["max_grad_norm"] * reference["beta_dpo"], rel=1e-3)
     # The reference samples with the EMA at an epoch that starts with 'global_step > switch_ema_ref'
@@ -150,3 +152,52 @@ def test_shared_grid_draw_needs_enough_grid_points():
         load_config(None, ["loss.timestep_mode=grid", "loss.grid_points=3", "loss.timesteps=4"])
     load_config(None, ["loss.timestep_mode=grid", "loss.grid_points=3", "loss.timesteps=4", "loss.grid_draw=per_group"])
     load_config(None, ["loss.grid_points=3", "loss.timesteps=4"])  # continuous mode: no grid draw
+
+
+# ----- the evaluation EMA ------------------------------------------------------------------------
+
+
+def reference_ema_step(decay: float, update_step_interval: int, optimization_step: int) -> float | None:
+    """flow_grpo/ema.py's EMAModuleWrapper.step without a decay argument, written out: the decay it applies, or None."""
+    current_decay = min((1 + optimization_step) / (10 + optimization_step), decay)
+    if (optimization_step + 1) % update_step_interval == 0:
+        return current_decay
+    return None
+
+
+def test_eval_ema_schedule_is_the_reference_wrappers():
+    schedule = [eval_ema_decay(n, 0.9, 8) for n in range(1, 200)]
+    assert schedule == [reference_ema_step(0.9, 8, n) for n in range(1, 200)]
+    assert [n for n, d in enumerate(schedule, start=1) if d is not None][:3] == [7, 15, 23]
+    assert schedule[7 - 1] == pytest.approx(8 / 17) and schedule[199 - 1] == 0.9
+
+
+def test_eval_ema_updates_on_its_schedule_and_is_exported_beside_the_adapter(tiny_model_dir, tmp_path):
+    from dgpo.models.shapes import ShapesModel
+
+    overrides = {"run.max_steps": 6, "run.save_every": 0, "eval.ema_decay": 0.9, "eval.ema_every": 3}
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), **QUIET)
+    initial = [p.detach().clone() for _, p in trainer.trainable]
+    after_each_step = []
+    trainer.train(on_step=lambda tr, metrics: after_each_step.append([p.detach().clone() for _, p in tr.trainable]))
+    shadow = initial
+    for n, params in enumerate(after_each_step, start=1):
+        decay = reference_ema_step(0.9, 3, n)  # updates after 2 and 5 steps, decay 3/12 and 6/15
+        if decay is not None:
+            shadow = [decay * s + (1 - decay) * p for s, p in zip(shadow, params)]
+    for expected, actual in zip(shadow, trainer.eval_ema.shadow):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+    trainer.export_adapter(tmp_path / "adapter")
+    base = ShapesModel.from_pretrained(tiny_model_dir)
+    x, sigma = torch.randn(2, *base.latent_shape), torch.full((2,), 0.7)
+    emb = base.encode_prompts(["a photo of a red circle", "a photo of two squares"])
+    trainer.model.transformer.eval()
+    velocities = []
+    for folder, weights in (("adapter", None), ("adapter_ema", trainer.eval_ema)):
+        tuned = ShapesModel.from_pretrained(tiny_model_dir)
+        tuned.transformer.load_lora_adapter(str(tmp_path / folder), use_safetensors=True)
+        with torch.no_grad(), (weights.swapped_in() if weights else contextlib.nullcontext()):
+            velocities.append(tuned.velocity(x, sigma, emb))
+            torch.testing.assert_close(velocities[-1], trainer.model.velocity(x, sigma, emb))
+    assert not torch.allclose(*velocities)

@@ -120,7 +120,10 @@ class EvalConfig:
     every: int = _help("evaluate on the test prompts every N steps (0 = only before and after)", default=0)
     images_per_category: int = _help("test images per category for periodic evaluation", default=96)
     final_images_per_category: int = _help("test images per category for the before/after evaluation", default=96)
-    ema_decay: float = _help("decay of the evaluation EMA of the policy (0 = evaluate the raw policy)", default=0.0)
+    ema_decay: float = _help("decay of the evaluation EMA of the policy (0 = evaluate the raw policy; reference code 0.9). After n steps "
+                             "it updates with decay min(ema_decay, (1 + n) / (10 + n)), as the reference's EMA warms up; it is "
+                             "evaluated, checkpointed and exported beside the adapter (adapter_ema/)", default=0.0)
+    ema_every: int = _help("update the evaluation EMA after every N-th optimizer step (when (n + 1) % N == 0; reference code 8)", default=1)
     metrics: list[str] = _help("registered rewards scored on the evaluation images as evaluation-only metrics (never trained on)", default_factory=list)
     guard_metric: str = _help("reward-hacking guard: an out-of-domain metric watched at each evaluation "
                               "(artifact, diversity, or a name in eval.metrics; empty = off)", default="")
@@ -174,6 +177,7 @@ class Config:
             (0 <= r.ema_decay < 1, f"rollout.ema_decay must be in [0, 1), got {r.ema_decay}"),
             (r.ema_ramp >= 0, f"rollout.ema_ramp must be >= 0 (0 = fixed rollout.ema_decay), got {r.ema_ramp}"),
             (0 <= self.eval.ema_decay < 1, f"eval.ema_decay must be in [0, 1), got {self.eval.ema_decay}"),
+            (self.eval.ema_every >= 1, f"eval.ema_every must be >= 1, got {self.eval.ema_every}"),
             (l.beta > 0, f"loss.beta must be > 0, got {l.beta}"),
             (l.timesteps >= 1, f"loss.timesteps must be >= 1, got {l.timesteps}"),
             (l.timestep_mode in ("continuous", "grid"), f"loss.timestep_mode must be continuous or grid, got {l.timestep_mode!r}"),

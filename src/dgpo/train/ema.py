@@ -17,6 +17,19 @@ def ramped_decay(step: int, decay: float, ramp: float) -> float:
     return decay if ramp <= 0 else min(decay, ramp * step)
 
 
+def eval_ema_decay(completed_steps: int, decay: float, every: int) -> float | None:
+    """Decay of the evaluation EMA's update once ``completed_steps`` optimizer steps are done, or None
+    when it does not update then. DGPO's reference code keeps EMAModuleWrapper(decay=0.9,
+    update_step_interval=8) and steps it with the optimizer step count n:
+
+        update when (n + 1) % every == 0,   with decay min(decay, (1 + n) / (10 + n))
+    """
+    n = completed_steps
+    if (n + 1) % every:
+        return None
+    return min(decay, (1 + n) / (10 + n))
+
+
 class ParameterEMA:
     """shadow <- decay * shadow + (1 - decay) * param, over a fixed list of named parameters."""
 

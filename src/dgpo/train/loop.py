@@ -34,7 +34,7 @@ from .algorithms import UpdateContext, get_advantage, get_algorithm
 from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import GroupLayout, Prompt, PromptSource
-from .ema import ParameterEMA, ramped_decay
+from .ema import ParameterEMA, eval_ema_decay, ramped_decay
 from .optim import optimizer_class
 
 PREEMPTED_EXIT_CODE = 75
@@ -485,7 +485,10 @@ class Trainer:
         r = self.config.rollout
         self.rollout_ema.update(ramped_decay(step, r.ema_decay, r.ema_ramp))
         if self.eval_ema is not None:
-            self.eval_ema.update()
+            e = self.config.eval
+            eval_decay = eval_ema_decay(step + 1, e.ema_decay, e.ema_every)
+            if eval_decay is not None:
+                self.eval_ema.update(eval_decay)
         elapsed = time.perf_counter() - start
         if self.acc.num_processes > 1:
             # Every process must agree on run.max_seconds; the slowest one's clock counts.
@@ -571,7 +574,15 @@ class Trainer:
         return previous
 
     def export_adapter(self, path: Path) -> None:
-        """LoRA in diffusers' format (``pipe.load_lora_weights`` / ``transformer.load_lora_adapter``)."""
+        """LoRA in diffusers' format (``pipe.load_lora_weights`` / ``transformer.load_lora_adapter``); with an
+        evaluation EMA (eval.ema_decay) also its weights, beside it as ``<path>_ema`` (the reference code
+        saves the EMA as its checkpoint)."""
+        self._export_weights(path)
+        if self.eval_ema is not None:
+            with self.eval_ema.swapped_in():
+                self._export_weights(path.with_name(path.name + "_ema"))
+
+    def _export_weights(self, path: Path) -> None:
         if self.config.model.lora_rank > 0:
             self.model.save_lora(path)
         else:
