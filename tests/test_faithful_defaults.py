@@ -201,3 +201,18 @@ def test_eval_ema_updates_on_its_schedule_and_is_exported_beside_the_adapter(tin
             velocities.append(tuned.velocity(x, sigma, emb))
             torch.testing.assert_close(velocities[-1], trainer.model.velocity(x, sigma, emb))
     assert not torch.allclose(*velocities)
+
+
+# ----- the defaults ------------------------------------------------------------------------------
+
+
+def test_default_beta_is_the_papers_beta_dpo_over_the_default_group_size():
+    from dgpo.train.config import Config
+
+    c = Config()
+    # train_sd3_dgpo.py: S = sum_i A_i * beta_dpo * (l_theta - l_ref) / group_size, beta_dpo = 100 (GenEval, OCR)
+    assert c.loss.beta * c.data.group_size == pytest.approx(100)
+    # the reference's max_grad_norm 1.0 on a surrogate 1 / (beta x G) the size of this loss
+    assert c.optim.grad_clip == pytest.approx(1.0 * c.loss.beta * c.data.group_size)
+    # DGPO's reference defaults elsewhere: the ramped rollout EMA, the shared grid draw
+    assert (c.rollout.ema_decay, c.rollout.ema_ramp, c.loss.grid_draw) == (0.3, 0.001, "shared")

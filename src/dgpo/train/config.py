@@ -82,7 +82,9 @@ class RewardConfig:
 @dataclass
 class LossConfig:
     algorithm: str = _help("training algorithm (registered variant): dgpo, diffusion_dpo, flow_grpo", default="dgpo")
-    beta: float = _help("beta of the group preference (paper 100 GenEval/OCR, 10 PickScore; the reference code applies beta / G to the group sum)", default=100.0)
+    beta: float = _help("beta on the group sum of Eq. 17: the reference code's beta_dpo / G (paper beta_dpo 100 GenEval/OCR, 10 PickScore). "
+                        "Default 100 / 12, beta_dpo 100 at the default G = 12; beta 100 on the sum would be beta_dpo 1200 and saturates the sigmoid",
+                        default=100 / 12)
     timesteps: int = _help("M: training timesteps per group per step (flow_grpo: trained SDE steps per sample)", default=2)
     timestep_mode: str = _help("continuous: t ~ U[t_min, t_max]; grid: one of the first grid_points rollout sigmas", default="continuous")
     t_min: float = _help("timestep clipping: lowest training sigma (paper: 0.3-0.6 stable)", default=0.6)
@@ -110,7 +112,8 @@ class OptimConfig:
     betas: tuple[float, float] = _help("AdamW betas", default=(0.9, 0.999))
     grad_clip: float = _help("max gradient norm (0 = off; the pre-clip norm is logged as grad_norm). dgpo's loss has the paper's exact "
                              "gradient, beta x G (= beta_dpo) times the DGPO reference code's, so the reference's max_grad_norm 1.0 is "
-                             "beta x G here (100: the SD3.5-M GenEval recipe's beta_dpo); flow_grpo's gradient is Flow-GRPO's own (1.0)", default=100.0)
+                             "beta x G here (100 at the default beta and G, and in the SD3.5-M GenEval recipe); flow_grpo's gradient is Flow-GRPO's "
+                             "own, so its recipe sets 1.0", default=100.0)
     updates_per_rollout: int = _help("optimizer steps on each rollout batch (fresh training timesteps and noise each; "
                                      "Flow-GRPO's inner epochs; 1 = the paper's DGPO)", default=1)
 
