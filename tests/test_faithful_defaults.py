@@ -216,3 +216,39 @@ def test_default_beta_is_the_papers_beta_dpo_over_the_default_group_size():
     assert c.optim.grad_clip == pytest.approx(1.0 * c.loss.beta * c.data.group_size)
     # DGPO's reference defaults elsewhere: the ramped rollout EMA, the shared grid draw
     assert (c.rollout.ema_decay, c.rollout.ema_ramp, c.loss.grid_draw) == (0.3, 0.001, "shared")
+
+
+# ----- metrics: informative groups and the share of zero-variance groups ------------------------
+
+
+@pytest.mark.parametrize("pattern", ["constant", "every_other_group"])
+def test_zero_variance_groups_are_counted_and_left_out_of_the_preference_metrics(tiny_model_dir, tmp_path, pattern):
+    from dgpo.rewards import REWARDS, register_reward
+
+    calls = {"n": 0}
+
+    def reward_factory():
+        def reward(images, prompts, metadata):  # one call per micro-batch of 4 = one group
+            calls["n"] += 1
+            if pattern == "constant" or calls["n"] % 2 == 0:
+                return [0.5] * len(images)
+            return [float(i) for i in range(len(images))]
+
+        return reward
+
+    register_reward("test_saturating")(reward_factory)
+    try:
+        overrides = {"reward.weights": {"test_saturating": 1.0}, "reward.background": False, "run.max_steps": 2}
+        trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), **QUIET)
+        trainer.train()
+    finally:
+        REWARDS.unregister("test_saturating")
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for metrics in logged:
+        if pattern == "constant":
+            assert metrics["zero_variance_groups"] == 1.0
+            # nothing to prefer: no preference metric (it used to read ln 2 and accuracy 0)
+            assert all(metrics[k] != metrics[k] for k in ("preference_loss", "implicit_accuracy", "margin_mean"))
+        else:
+            assert metrics["zero_variance_groups"] == 0.5
+            assert metrics["preference_loss"] == metrics["preference_loss"] and metrics["implicit_accuracy"] in (0.0, 0.5, 1.0)

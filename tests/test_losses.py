@@ -14,6 +14,7 @@ from dgpo.losses import (
     flow_grpo_kl,
     flow_grpo_loss,
     group_advantages,
+    informative_groups,
     local_group_sum,
     per_sample_mse,
     ppo_clip_mask,
@@ -202,6 +203,38 @@ def test_dgpo_margin_and_loss_hand_computed():
 
     exact = dgpo_loss_exact(advantages, err_theta, err_ref, group_ids, beta)
     assert exact.item() == pytest.approx(expected_objective, rel=1e-12)
+
+
+def test_dgpo_metrics_are_over_the_informative_groups():
+    advantages, err_theta, err_ref, group_ids = hand_example()
+    # group 2 has equal rewards: A = 0, so S = 0 whatever its errors, and no gradient
+    advantages = torch.cat([advantages, torch.zeros(3)])
+    err_theta = torch.cat([err_theta, torch.tensor([0.9, 0.1, 0.5])])
+    err_ref = torch.cat([err_ref, torch.tensor([0.2, 0.3, 0.5])])
+    group_ids = torch.cat([group_ids, torch.full((3,), 2)])
+    beta, s0, s1 = 2.0, -0.4, 0.1
+    loss, metrics = dgpo_loss(advantages, err_theta, err_ref, group_ids, beta)
+    # the loss is still the mean over all three groups ...
+    assert loss.item() == pytest.approx((sigmoid(s0) * 2 * (0.3 - 0.5) + sigmoid(s1) * 2 * (0.5 * 0.2 - 0.5 * 0.1)) / 3, rel=1e-12)
+    # ... but the metrics leave out the group with nothing to prefer (it would add ln 2 and a miss)
+    assert metrics["preference_loss"].item() == pytest.approx((math.log1p(math.exp(s0)) + math.log1p(math.exp(s1))) / 2, rel=1e-12)
+    assert metrics["implicit_accuracy"].item() == 0.5
+    assert metrics["margin_mean"].item() == pytest.approx((s0 + s1) / 2, rel=1e-12)
+    assert metrics["sigmoid_weight_mean"].item() == pytest.approx((sigmoid(s0) + sigmoid(s1)) / 2, rel=1e-12)
+
+    _, none_informative = dgpo_loss(torch.zeros(3), err_theta[-3:], err_ref[-3:], group_ids[-3:], beta)
+    assert all(math.isnan(value.item()) for value in none_informative.values())
+
+
+def test_informative_groups_look_at_the_whole_group():
+    advantages = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    group_ids = torch.tensor([0, 0, 1, 1])
+    assert not informative_groups(advantages, group_ids).any()
+    # group 1's nonzero advantages are on another rank: its local samples are informative all the same
+    other_rank = {1: 2.0}
+    cross_rank_sum = lambda values, ids: local_group_sum(values, ids) + torch.tensor([other_rank.get(int(g), 0.0) for g in ids])
+    assert informative_groups(advantages, group_ids, cross_rank_sum).tolist() == [False, False, True, True]
+    assert informative_groups(torch.tensor([0.5, -0.5, 0.0, 0.0]), group_ids).tolist() == [True, True, False, False]
 
 
 def test_margin_is_detached():

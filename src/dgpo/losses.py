@@ -173,13 +173,17 @@ def dgpo_loss(
     defaults to the number of distinct group ids in this call.
 
     The loss value itself is not the objective; ``metrics["preference_loss"]``
-    holds the mean over local groups of -log sigmoid(-S).
+    holds the mean over informative local groups of -log sigmoid(-S).
 
-    Metrics (detached, over the groups present in this call):
-    ``sigmoid_weight_mean`` mean sigmoid(S); ``margin_mean`` mean S;
+    Metrics (detached), over the *informative* groups present in this call, those with
+    a nonzero advantage: a group whose rewards are all equal has A = 0, hence S = 0
+    exactly and no gradient, and would count as ln 2 and as a miss whatever the
+    model does. ``sigmoid_weight_mean`` mean sigmoid(S); ``margin_mean`` mean S;
     ``implicit_accuracy`` fraction of groups with S < 0, i.e. the online model
     already favours the positive-advantage samples more than the reference does;
-    ``preference_loss`` mean -log sigmoid(-S).
+    ``preference_loss`` mean -log sigmoid(-S). Each is NaN when no group is
+    informative. Whether a group is informative is decided over the whole group
+    (through ``group_sum``).
     """
     margin = dgpo_group_margin(advantages, err_theta, err_ref, group_ids, beta, group_sum)
     if num_groups is None:
@@ -191,7 +195,9 @@ def dgpo_loss(
     loss = (weight * beta * advantages.detach() * err_theta).sum() / num_groups
 
     with torch.no_grad():
-        group_margin = _one_value_per_group(margin, group_ids)
+        informative = informative_groups(advantages, group_ids, group_sum)
+        group_informative = _one_value_per_group(informative.to(margin.dtype), group_ids) > 0
+        group_margin = _one_value_per_group(margin, group_ids)[group_informative]
         metrics = {
             "sigmoid_weight_mean": torch.sigmoid(group_margin).mean(),
             "margin_mean": group_margin.mean(),
@@ -199,6 +205,21 @@ def dgpo_loss(
             "preference_loss": -F.logsigmoid(-group_margin).mean(),
         }
     return loss, metrics
+
+
+def informative_groups(advantages: Tensor, group_ids: Tensor, group_sum: GroupSum | None = None) -> Tensor:
+    """Per sample: does its group carry a preference, i.e. a nonzero advantage?
+
+        informative_i = sum_{j in group(i)} |A_j| > 0
+
+    False for a group whose valid rewards are all equal (zero variance), or that has
+    fewer than two valid samples: :func:`group_advantages` gives it A = 0, so its
+    margin S is 0 whatever the model. ``group_sum`` as in :func:`dgpo_group_margin`.
+    """
+    _require_same_shape(advantages=advantages, group_ids=group_ids)
+    group_sum = local_group_sum if group_sum is None else group_sum
+    with torch.no_grad():
+        return group_sum(advantages.detach().abs(), group_ids) > 0
 
 
 def dgpo_loss_exact(

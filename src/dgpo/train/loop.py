@@ -348,8 +348,10 @@ class Trainer:
         """The algorithm's passes (DGPO: M training timesteps) x micro-steps, then one optimizer step."""
         c = self.config
         micro_lists = self.layout.local_samples()
+        # Per metric: sum and count of the micro-steps where it is defined (the DGPO metrics over
+        # informative groups are NaN in a micro-step without one).
         totals: dict[str, float] = {}
-        count = 0
+        counts: dict[str, int] = {}
         texts = [p.text for p in rollout.prompts]
         if self.algorithm.text_dropout:
             dropout = keyed_uniform(self._sample_keys("text-dropout", step, rollout.sample_ids)) < c.data.text_dropout
@@ -376,8 +378,12 @@ class Trainer:
                     loss, metrics = self.algorithm.update(ctx)
                 (loss / passes).backward()
                 for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
-                count += 1
+                    if not math.isnan(float(value)):
+                        totals[key] = totals.get(key, 0.0) + float(value)
+                        counts[key] = counts.get(key, 0) + 1
+                    else:
+                        totals.setdefault(key, 0.0)
+                        counts.setdefault(key, 0)
         grads = [p.grad for _, p in self.trainable if p.grad is not None]
         if self.acc.num_processes > 1 and grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -390,8 +396,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {key: value / count for key, value in totals.items()}
-        out["grad_norm"] = float(grad_norm)
+        out = {key: value / counts[key] if counts[key] else float("nan") for key, value in totals.items()}
+        out["grad_norm"] = float(grad_norm)  # clip_grad_norm_ returns the total norm before clipping
         return out
 
     # ----- timestep and noise draws shared by algorithms ------------------------------------
@@ -501,6 +507,8 @@ class Trainer:
                 "step": self.counters.step,
                 "reward_mean": float(rewards[valid].mean()),
                 "reward_std": float(rewards[valid].std()) if valid.sum() > 1 else 0.0,
+                # Groups with no preference to learn (equal rewards): the share that tells a reward has saturated.
+                "zero_variance_groups": float((advantages.view(-1, self.layout.group_size).abs().sum(dim=1) == 0).float().mean()),
                 "invalid_rewards": int((~valid).sum()),
                 "time/rollout": t_rollout - start,
                 "time/reward": t_reward - t_rollout,
