@@ -553,8 +553,9 @@ def test_flow_grpo_kl_is_the_reference_codes_form():
     from dgpo.sampling import sde_step_mean_std
 
     generator = torch.Generator().manual_seed(5)
-    # Flow-GRPO's SD3 grid (FlowMatchEulerDiscreteScheduler, 10 steps, shift 3): it starts at exactly 1.
-    base = torch.linspace(1.0, 1e-3, 10, dtype=torch.float64)
+    # Flow-GRPO's SD3 grid (diffusers' FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(10): 1.0, 0.960, ...,
+    # 0.278, 0.0089, 0): it starts at exactly 1, where sigma_max enters.
+    base = torch.linspace(1.0, 3e-3 / (1 + 2e-3), 10, dtype=torch.float64)
     sigmas = torch.cat([3 * base / (1 + 2 * base), torch.zeros(1, dtype=torch.float64)])
     index = torch.tensor([0, 3, 8])  # sigma 1 (where sigma_max enters), the middle, the last stochastic step
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
@@ -569,7 +570,7 @@ def test_flow_grpo_kl_is_the_reference_codes_form():
     std_dev_t = torch.sqrt(s / (1 - torch.where(s == 1, sigmas[1], s))) * a
     reference = ((mean_theta - mean_ref) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std_dev_t**2)
     torch.testing.assert_close(flow_grpo_kl(mean_theta, mean_ref, std, sigma_next - sigma), reference.flatten())
-    # ... which is |dt| times the exact KL between the two steps' Gaussians (1/|dt| = 3.7 to 25 on this grid).
+    # ... which is |dt| times the exact KL between the two steps' Gaussians (1/|dt| = 3.7 to 25 on this grid's first 9 steps).
     exact = sde_step_kl(mean_theta, mean_ref, std)
     torch.testing.assert_close(reference.flatten(), exact * (sigma - sigma_next))
     assert (exact / reference.flatten()).min() > 3.5
