@@ -1,9 +1,13 @@
 """Benchmark: the default DGPO recipe on ShapesEval, from the shipped base model, on this machine's CPU.
 
-Prints the before/after table and the wall-clock time; writes results/dgpo_shapes_cpu.json
-(plus the curves and before/after grids as PNG). Usage:
+Trains the recipe once per training seed (``run.seed``), each in runs/bench-dgpo-shapes/seed-N, and
+prints each before/after table and the wall-clock time. Writes results/dgpo_shapes_cpu.json after
+every seed: the first seed's summary at the top level (the keys earlier versions wrote), every
+seed's under ``seeds``, and the mean and spread of the final scores. A seed whose run finished with
+the same config is reused, and an interrupted one resumes from its newest checkpoint, so a benchmark
+of several CPU hours can span several sittings. Usage:
 
-    python benchmarks/dgpo_shapes_cpu.py [--set section.field=value ...]
+    python benchmarks/dgpo_shapes_cpu.py [--seeds 0 1] [--set section.field=value ...]
 """
 from __future__ import annotations
 
@@ -15,39 +19,74 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from dgpo.shapes.prompts import CATEGORIES
+from dgpo.train.checkpoint import latest_good_checkpoint
 from dgpo.train.config import load_config
 from dgpo.train.run import comparison_table, run_training
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "shapes" / "dgpo.yaml"
+RUNS = Path("runs/bench-dgpo-shapes")
+
+
+def train_seed(seed: int, overrides: list[str]) -> dict:
+    """One seed's run: reused when finished with this config, resumed when interrupted, else started afresh."""
+    run_dir = RUNS / f"seed-{seed}"
+    config = load_config(RECIPE, [*overrides, f"run.output_dir={run_dir}", f"run.seed={seed}"])
+    finished = run_dir / "results.json"
+    if finished.exists() and json.loads(finished.read_text()).get("config") == json.loads(json.dumps(config.to_dict())):
+        print(f"seed {seed}: reusing the finished run in {run_dir}")
+        return json.loads(finished.read_text())
+    resume = latest_good_checkpoint(run_dir / "checkpoints", warn=print) is not None
+    start = time.perf_counter()
+    summary = run_training(config, resume=resume, overwrite=not resume)
+    if summary["status"] != 0:
+        raise SystemExit(f"seed {seed} stopped with status {summary['status']}; run the same command again to resume it")
+    summary["benchmark_seconds_including_evaluation"] = time.perf_counter() - start
+    evals = json.loads((run_dir / "evals.json").read_text())
+    summary["evaluations"] = [{k: e[k] for k in ("step", "overall", "categories", "artifact", "diversity")} for e in evals]
+    summary["seed"] = seed
+    finished.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values)), "values": values}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (run.seed), one run each (default: 0)")
     parser.add_argument("--results", default="results/dgpo_shapes_cpu.json")
     args = parser.parse_args()
-    config = load_config(RECIPE, ["run.output_dir=runs/bench-dgpo-shapes", *args.set])
-    shutil.rmtree(config.run.output_dir, ignore_errors=True)
-    start = time.perf_counter()
-    summary = run_training(config)
-    total = time.perf_counter() - start
-    print(comparison_table(summary["before"], summary["after"]))
-    print(f"training wall clock {summary['wall_clock_seconds']:.0f} s ({summary['optimizer_steps']} steps), "
-          f"whole benchmark incl. evaluations {total:.0f} s")
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(config.run.output_dir)
     stem = results.with_suffix("")
-    for name in ("curves.png", "grid_before.png", "grid_after.png"):
-        shutil.copy(out_dir / name, f"{stem}_{name}")
-    evals = json.loads((out_dir / "evals.json").read_text())
-    summary.update(
-        benchmark_seconds_including_evaluation=total,
-        evaluations=[{k: e[k] for k in ("step", "overall", "categories", "artifact", "diversity")} for e in evals],
-        command="python benchmarks/dgpo_shapes_cpu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
-    results.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {results}")
+    command = "python benchmarks/dgpo_shapes_cpu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    seeds = []
+    for seed in args.seeds:
+        summary = train_seed(seed, args.set)
+        seeds.append(summary)
+        print(f"seed {seed}:")
+        print(comparison_table(summary["before"], summary["after"]))
+        print(f"training wall clock {summary['wall_clock_seconds']:.0f} s ({summary['optimizer_steps']} steps)")
+        suffix = "" if seed == args.seeds[0] else f"_seed{seed}"
+        for name in ("curves.png", "grid_before.png", "grid_after.png"):
+            shutil.copy(Path(summary["output_dir"]) / name, f"{stem}{suffix}_{name}")
+        out = dict(seeds[0])
+        out.update(
+            seeds=seeds,
+            across_seeds={
+                "after_overall": spread([s["after"]["overall"] for s in seeds]),
+                "after_categories": {c: spread([s["after"]["categories"][c] for s in seeds]) for c in CATEGORIES},
+                "wall_clock_seconds": spread([s["wall_clock_seconds"] for s in seeds]),
+            },
+            command=command,
+        )
+        results.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {results} ({len(seeds)} of {len(args.seeds)} seeds)")
     return 0
 
 
