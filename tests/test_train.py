@@ -395,3 +395,10 @@ def test_guard_raise_kl_doubles_the_kl_weight():
     now = {"diversity": 0.1}
     apply_guard(trainer, {"diversity": 0.3}, now, log=lambda *a: None)
     assert config.loss.kl_beta == 0.04 and not trainer.guard_stopped and now["guard"]["kl_beta"] == 0.04
+    # A recipe's small KL weight is doubled, not jumped to a floor; no KL at all starts at 0.01.
+    config.loss.kl_beta = 2.0e-4
+    apply_guard(trainer, {"diversity": 0.3}, {"diversity": 0.1}, log=lambda *a: None)
+    assert config.loss.kl_beta == 4.0e-4
+    config.loss.kl_beta = 0.0
+    apply_guard(trainer, {"diversity": 0.3}, {"diversity": 0.1}, log=lambda *a: None)
+    assert config.loss.kl_beta == 0.01

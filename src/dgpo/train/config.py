@@ -131,7 +131,7 @@ class EvalConfig:
     guard_metric: str = _help("reward-hacking guard: an out-of-domain metric watched at each evaluation "
                               "(artifact, diversity, or a name in eval.metrics; empty = off)", default="")
     guard_max_drop: float = _help("guard trips when the metric is worse than at step 0 by more than this fraction of its step-0 value", default=0.1)
-    guard_action: str = _help("when the guard trips: stop (end the run, evaluated and reported) or raise_kl (double loss.kl_beta, min 0.01)", default="stop")
+    guard_action: str = _help("when the guard trips: stop (end the run, evaluated and reported) or raise_kl (double loss.kl_beta; 0.01 when it is 0)", default="stop")
     sampler: str = _help("ODE solver for evaluation", default="dpm2m")
     num_steps: int = _help("solver steps for evaluation", default=10)
     shift: float = _help("time shift for evaluation", default=3.0)

@@ -66,5 +66,5 @@ class ParameterEMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.names) - set(state)
         if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
+            raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
         self.shadow = [state[n].clone().to(s.device, s.dtype) for n, s in zip(self.names, self.shadow)]

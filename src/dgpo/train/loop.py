@@ -25,6 +25,7 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..models import load_model
 from ..models.base import PromptEmbeddings, cat_embeddings, index_embeddings
 from ..rewards import as_scores, combine_rewards, get_reward
@@ -40,7 +41,7 @@ from .optim import optimizer_class
 PREEMPTED_EXIT_CODE = 75
 
 
-class RewardFailure(RuntimeError):
+class RewardFailure(UserError):
     pass
 
 
@@ -131,7 +132,7 @@ def refuse_sharded_launch() -> None:
     (``accelerate launch`` sets these flags from its distributed_type) it would train unsharded without a word: refuse."""
     for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
         if parse_flag_from_env(flag):
-            raise RuntimeError(f"the accelerate launch config asks for {name}, which dgpo does not support (it would train unsharded); "
+            raise UserError(f"the accelerate launch config asks for {name}, which dgpo does not support (it would train unsharded); "
                                "launch with a MULTI_GPU config such as configs/accelerate/multi_gpu.yaml")
 
 
@@ -607,7 +608,7 @@ class Trainer:
                 try:
                     import wandb
                 except ImportError:
-                    raise RuntimeError("run.wandb_project is set but wandb is not installed (pip install wandb)") from None
+                    raise UserError("run.wandb_project is set but wandb is not installed (pip install wandb)") from None
                 self._wandb = wandb.init(project=self.config.run.wandb_project, config=self.config.to_dict(), dir=str(self.output))
             self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         if self.config.run.tensorboard:

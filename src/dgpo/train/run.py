@@ -71,7 +71,8 @@ def apply_guard(trainer: Trainer, before: dict, now: dict, log) -> None:
         log(f"{message}; stopping the run")
     else:
         loss = trainer.config.loss
-        loss.kl_beta = max(2 * loss.kl_beta, 0.01)
+        # Doubling keeps the recipe's scale (its KL weight may be far below 0.01 in the reference code's units).
+        loss.kl_beta = 2 * loss.kl_beta if loss.kl_beta > 0 else 0.01
         log(f"{message}; loss.kl_beta raised to {loss.kl_beta:g}")
     now["guard"] = {"metric": e.guard_metric, "action": e.guard_action, "kl_beta": trainer.config.loss.kl_beta}
 
