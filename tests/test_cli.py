@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import yaml
+from test_train import tiny_overrides
 
 from dgpo import cli
 from dgpo.cli import main
 from dgpo.errors import UserError
 from dgpo.rewards import REWARDS
-
-from test_train import tiny_overrides
 
 
 def _recipe(tmp_path, model_dir, out, **extra) -> str:

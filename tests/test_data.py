@@ -248,7 +248,10 @@ def test_gpu_recipes_keep_the_global_batch_on_1_to_8_processes_and_refuse_32(rec
         GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, 32, 0)
 
 
-@pytest.mark.parametrize("recipe", sorted([*(REPO / "configs" / "shapes").glob("*.yaml"), *(REPO / "benchmarks" / "shapes_sweep").glob("*.yaml")]), ids=lambda p: p.stem)
+SHAPES_RECIPES = sorted([*(REPO / "configs" / "shapes").glob("*.yaml"), *(REPO / "benchmarks" / "shapes_sweep").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("recipe", SHAPES_RECIPES, ids=lambda p: p.stem)
 def test_shapes_recipes_and_sweep_variants_load_with_a_valid_layout(recipe):
     from dgpo.train.config import load_config
 

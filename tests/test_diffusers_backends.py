@@ -204,7 +204,8 @@ def test_dgpo_trains_and_exports_a_lora_the_pipeline_loads(backend, tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in trainer.trainable)
     trainer.export_adapter(tmp_path / "adapter")
 
-    pipeline = getattr(diffusers, trainer.model.pipeline_class).from_pretrained(str(path), **({"text_encoder_3": None, "tokenizer_3": None} if name == "sd3" else {}))
+    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if name == "sd3" else {}
+    pipeline = getattr(diffusers, trainer.model.pipeline_class).from_pretrained(str(path), **without_t5)
     x = torch.randn(2, *trainer.model.latent_shape)
     embeddings = trainer.model.encode_prompts(["a red circle", "a blue square"])
     base = pipeline_velocity(name, pipeline.transformer, x, 0.7, embeddings)

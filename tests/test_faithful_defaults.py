@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import tiny_overrides
 
 from dgpo.train.config import load_config
 from dgpo.train.ema import eval_ema_decay, ramped_decay
 from dgpo.train.loop import Trainer
-from test_train import tiny_overrides
 
 QUIET = {"log": lambda *a: None}
 

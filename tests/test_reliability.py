@@ -63,7 +63,8 @@ def write_recipe(tmp_path: Path, model_dir: Path, reward: str = "test_jpeg") -> 
 
 def start(tmp_path: Path, recipe: Path, out: Path, *extra: str, delay: float = 0.0, nproc: int = 1, fail_rank: str = "") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "TEST_REWARD_DELAY": str(delay), "TEST_FAIL_RANK": fail_rank}
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(29600 + os.getpid() % 1000)]
+    port = str(29600 + os.getpid() % 1000)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port]
     cmd = [*launcher, str(tmp_path / "runner.py"), "train", str(recipe), "--set", f"run.output_dir={out}", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

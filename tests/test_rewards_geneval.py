@@ -390,7 +390,8 @@ def test_missing_extra_names_the_package_and_the_install_line():
     with pytest.raises(RuntimeError) as info:
         get_reward("geneval", checkpoint="unused.pth")
     message = str(info.value)
-    assert "\n" not in message and "missing here (the GenEval extra: mmdet 2.x, mmcv-full 1.7)" in message and "pip install --no-build-isolation 'dgpo[geneval]'" in message
+    assert "\n" not in message and "missing here (the GenEval extra: mmdet 2.x, mmcv-full 1.7)" in message
+    assert "pip install --no-build-isolation 'dgpo[geneval]'" in message
 
 
 def _mmdet_demo_image() -> Path:

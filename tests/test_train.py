@@ -184,7 +184,10 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_model_dir, tmp_path
         assert torch.equal(value, trainable_state(resumed)[name]), name
     for a, b in zip(straight.rollout_ema.shadow + straight.eval_ema.shadow, resumed.rollout_ema.shadow + resumed.eval_ema.shadow):
         assert torch.equal(a, b)
-    rewards = lambda tr: [h["reward_mean"] for h in tr.counters.history]
+
+    def rewards(tr):
+        return [h["reward_mean"] for h in tr.counters.history]
+
     assert rewards(straight) == rewards(resumed)
     logged = [json.loads(line)["reward_mean"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert logged == rewards(straight)

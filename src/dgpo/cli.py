@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_arg(p)
     p.set_defaults(fn=cmd_compare)
 
-    p = sub.add_parser("eval", help="ShapesEval table of a checkpoint", description="Evaluate a ShapesEval model (plus optional LoRA adapter) on the test prompts.")
+    p = sub.add_parser(
+        "eval", help="ShapesEval table of a checkpoint", description="Evaluate a ShapesEval model (plus optional LoRA adapter) on the test prompts."
+    )
     p.add_argument("--model", default="shipped", help="model directory (default: the shipped base model)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory written by `dgpo train` (run_dir/adapter)")
     p.add_argument("--images-per-category", type=int, default=96, help="test images per category (default: 96)")
@@ -302,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered reward, e.g. ocr or pickscore (see `dgpo rewards`)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; the server has no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
-    p.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE", help="reward factory option (repeatable), e.g. --option model=/weights/pickscore")
+    p.add_argument(
+        "--option", action="append", type=_option, metavar="KEY=VALUE", help="reward factory option (repeatable), e.g. --option model=/weights/pickscore"
+    )
     _add_import_arg(p)
     p.set_defaults(fn=cmd_serve_reward)
 

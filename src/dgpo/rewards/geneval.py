@@ -362,7 +362,10 @@ class Mask2Former:
         config = config or os.environ.get("DGPO_GENEVAL_CONFIG") or default_config()
         checkpoint = checkpoint or os.environ.get("DGPO_GENEVAL_CHECKPOINT")
         if not checkpoint:
-            raise UserError(f"reward 'geneval' needs the Mask2Former weights: set DGPO_GENEVAL_CHECKPOINT (or pass checkpoint=) to {MASK2FORMER}.pth, from {MASK2FORMER_URL}")
+            raise UserError(
+                f"reward 'geneval' needs the Mask2Former weights: set DGPO_GENEVAL_CHECKPOINT (or pass checkpoint=) "
+                f"to {MASK2FORMER}.pth, from {MASK2FORMER_URL}"
+            )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = init_detector(config, checkpoint, device=self.device)
         self.batch_size = int(batch_size)

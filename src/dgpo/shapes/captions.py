@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .world import COLORS, PLURALS, RELATIONS, RELATION_RENDER_MARGIN, SceneObject, relation_holds
+from .world import COLORS, PLURALS, RELATION_RENDER_MARGIN, RELATIONS, SceneObject, relation_holds
 
 OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}

@@ -62,7 +62,8 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     if reuse and finished.exists() and json.loads(finished.read_text()).get("config") == as_saved:
         log(f"{name}: reusing the finished run in {run_dir}")
     else:
-        limits = [f"{budget.steps} steps"] + ([f"{budget.seconds:.0f} s"] if budget.seconds else []) + ([f"{budget.forwards:.3g} forwards"] if budget.forwards else [])
+        limits = [f"{budget.steps} steps"] + ([f"{budget.seconds:.0f} s"] if budget.seconds else [])
+        limits += [f"{budget.forwards:.3g} forwards"] if budget.forwards else []
         log(f"{name}: training {recipe} (budget {', '.join(limits)})")
         summary = run_training(config, overwrite=True, log=log)
         if summary["status"] != 0:
@@ -107,7 +108,7 @@ def summarize(curves: dict[str, list[dict]], thresholds: list[float], baseline: 
             "forward_equivalents": rows[-1]["forward_equivalents"],
             "thresholds": {str(t): time_to_threshold(rows, t) for t in thresholds},
         }
-    for name, entry in recipes.items():
+    for entry in recipes.values():
         for t, reached in entry["thresholds"].items():
             base = recipes[baseline]["thresholds"][t]
             if reached is not None and base is not None and base["training_seconds"] > 0:

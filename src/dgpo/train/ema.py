@@ -57,8 +57,8 @@ class ParameterEMA:
             yield
         finally:
             with torch.no_grad():
-                for l, p in zip(live, self.params):
-                    p.copy_(l)
+                for saved, p in zip(live, self.params):
+                    p.copy_(saved)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: s.clone() for n, s in zip(self.names, self.shadow)}
