@@ -82,7 +82,7 @@ def curve_rows(name: str, evals: list[dict]) -> list[dict]:
             "overall": round(e["overall"], 4),
         }
         row.update({c: round(e["categories"][c], 4) for c in CATEGORIES})
-        row.update(artifact=round(e["artifact"], 5), diversity=round(e["diversity"], 4))
+        row.update(artifact=round(e["artifact"], 5), diversity=round(e["diversity"], 4), velocity_drift=round(e.get("velocity_drift", float("nan")), 4))
         rows.append(row)
     return rows
 

@@ -14,12 +14,13 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..evaluation import SamplerSettings, result_dict, save_grid, shapes_eval  # noqa: E402
+from ..evaluation import SamplerSettings, result_dict, save_grid, shapes_eval, velocity_drift  # noqa: E402
 from ..rewards import as_scores  # noqa: E402
 from ..shapes.prompts import CATEGORIES  # noqa: E402
 from .config import Config  # noqa: E402
 from .loop import Trainer  # noqa: E402
 
+DRIFT_IMAGES = 64
 GRID_PROMPTS_PER_CATEGORY = 2
 GRID_IMAGES_PER_PROMPT = 4
 
@@ -38,15 +39,31 @@ def evaluate(trainer: Trainer, images_per_category: int, grid_path: Path | None 
     swap = trainer.eval_ema.swapped_in() if trainer.eval_ema is not None else contextlib.nullcontext()
     with swap:
         result, specs, images, verdicts = shapes_eval(trainer.model, eval_settings(trainer.config), images_per_category, return_images=True)
+        spread = torch.linspace(0, len(specs) - 1, min(DRIFT_IMAGES, len(specs))).round().long()
+        drift = evaluation_drift(trainer, images[spread], [specs[i].prompt for i in spread.tolist()])
     if grid_path is not None:
         grid_images, labels, grid_verdicts = grid_selection(specs, images, verdicts)
         save_grid(grid_images, labels, grid_path, passed=grid_verdicts)
     out = result_dict(result)
+    out["velocity_drift"] = drift
     texts, metadata = [s.prompt for s in specs], [s.to_metadata() for s in specs]
     for name, reward in trainer.eval_rewards.items():
         scores = as_scores(reward(images, texts, metadata), len(texts), name)
         out.setdefault("metrics", {})[name] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
     return out
+
+
+def evaluation_drift(trainer: Trainer, images: torch.Tensor, prompts: list[str]) -> float:
+    """``velocity_drift`` of the evaluated policy against the reference model, on evaluation images and their prompts."""
+    model = trainer.model
+    latents = model.encode_images(images.to(model.device))
+    embeddings = model.encode_prompts(prompts)
+
+    def reference(x, sigma, embeddings):
+        with trainer.reference_model():
+            return model.velocity(x, sigma, embeddings)
+
+    return velocity_drift(model.velocity, reference, latents, embeddings, [("drift", i) for i in range(len(prompts))])
 
 
 def guard_metric_value(evaluation: dict, name: str) -> float:
