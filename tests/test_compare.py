@@ -23,14 +23,35 @@ def test_time_to_threshold_takes_the_first_evaluation_reaching_it():
 
 def test_summary_ratios_are_relative_to_the_baseline():
     curves = {
-        "dgpo": [_row(0, 0, 0, 0.4), _row(10, 40, 1000, 0.55)],
-        "flow_grpo": [_row(0, 0, 0, 0.4), _row(10, 100, 8000, 0.45), _row(20, 200, 16000, 0.56)],
+        "dgpo": {0: [_row(0, 0, 0, 0.4), _row(10, 40, 1000, 0.55)]},
+        "flow_grpo": {0: [_row(0, 0, 0, 0.4), _row(10, 100, 8000, 0.45), _row(20, 200, 16000, 0.56)]},
     }
     summary = summarize(curves, [0.5], "dgpo")
     reached = summary["recipes"]["flow_grpo"]["thresholds"]["0.5"]
-    assert reached["seconds_ratio_to_baseline"] == 5.0
-    assert reached["forwards_ratio_to_baseline"] == 16.0
-    assert summary["recipes"]["dgpo"]["thresholds"]["0.5"]["seconds_ratio_to_baseline"] == 1.0
+    assert reached["ratio"] == {"bound": "exact", "seconds": 5.0, "seconds_interval": [5.0, 5.0], "forwards": 16.0, "forwards_interval": [16.0, 16.0]}
+    assert summary["recipes"]["dgpo"]["thresholds"]["0.5"]["ratio"]["seconds"] == 1.0
+
+
+def test_seeds_average_and_a_recipe_short_of_the_threshold_gives_a_lower_bound():
+    curves = {
+        "dgpo": {0: [_row(0, 0, 0, 0.4), _row(10, 40, 1000, 0.55)], 1: [_row(0, 0, 0, 0.42), _row(10, 60, 1000, 0.53)]},
+        "flow_grpo": {
+            0: [_row(0, 0, 0, 0.4), _row(10, 100, 8000, 0.45), _row(20, 300, 16000, 0.52)],
+            1: [_row(0, 0, 0, 0.42), _row(10, 100, 8000, 0.44), _row(20, 200, 16000, 0.47)],  # never reaches 0.5
+        },
+    }
+    summary = summarize(curves, [0.5], "dgpo")
+    dgpo, grpo = summary["recipes"]["dgpo"], summary["recipes"]["flow_grpo"]
+    assert dgpo["curve"][0] == {"step": 0, "seeds": 2, "overall_mean": 0.41, "overall_se": 0.01, "training_seconds": 0.0, "forward_equivalents": 0.0}
+    assert dgpo["final"] == pytest.approx(0.54) and dgpo["final_se"] == pytest.approx(0.01)
+    entry = grpo["thresholds"]["0.5"]
+    assert entry["reached_seeds"] == 1 and entry["seeds"] == 2
+    # Seed 1 counts at all it spent (200 s); the baseline's mean is 50 s: ratio >= (300 + 200) / 2 / 50.
+    assert entry["training_seconds"] == 250.0 and entry["ratio"]["bound"] == "lower" and entry["ratio"]["seconds"] == 5.0
+    low, high = entry["ratio"]["seconds_interval"]
+    assert round(200 / 60, 3) <= low < 5.0 < high <= 300 / 40  # the extremes of resampling, rounded as reported
+    # Swapped roles: the baseline falls short, so the other recipe's ratio is an upper bound.
+    assert summarize(curves, [0.5], "flow_grpo")["recipes"]["dgpo"]["thresholds"]["0.5"]["ratio"]["bound"] == "upper"
 
 
 def tiny_dgpo_recipe(model_dir, folder):
@@ -55,7 +76,7 @@ def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
             "--eval-every", "1", "--eval-images", "1", "--threshold", "0.0", "--threshold", "0.99"]
     assert main(argv) == 0
     rows = list(csv.DictReader((out / "curves.csv").read_text().splitlines()))
-    assert [(r["recipe"], int(r["step"])) for r in rows] == [("dgpo", 0), ("dgpo", 1), ("dgpo", 2), ("flow_grpo", 0), ("flow_grpo", 1), ("flow_grpo", 2)]
+    assert [(r["recipe"], int(r["seed"]), int(r["step"])) for r in rows] == [(n, 0, k) for n in ("dgpo", "flow_grpo") for k in range(3)]
     by_recipe = {name: [r for r in rows if r["recipe"] == name] for name in ("dgpo", "flow_grpo")}
     for recipe_rows in by_recipe.values():
         forwards = [float(r["forward_equivalents"]) for r in recipe_rows]
@@ -64,7 +85,7 @@ def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert float(by_recipe["flow_grpo"][-1]["forward_equivalents"]) > float(by_recipe["dgpo"][-1]["forward_equivalents"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipes"]["dgpo"]["thresholds"]["0.0"]["step"] == 0
-    assert summary["recipes"]["flow_grpo"]["thresholds"]["0.99"] is None
+    assert summary["recipes"]["flow_grpo"]["thresholds"]["0.99"]["reached_seeds"] == 0
     assert (out / "curves.png").stat().st_size > 0 and "flow_grpo" in (out / "summary.md").read_text()
     # A second call with --reuse trains nothing and reproduces the summary.
     assert main([*argv, "--reuse"]) == 0
@@ -80,6 +101,21 @@ def test_compare_forward_budget_stops_a_recipe_at_the_step_that_spends_it(tiny_m
     budgeted = list(csv.DictReader((tmp_path / "budget" / "curves.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in budgeted] == [0, 1, 2]
     assert [float(r["forward_equivalents"]) for r in budgeted] == per_step[:3]
+
+
+def test_compare_trains_every_seed_and_keeps_each_in_the_curves(tiny_model_dir, tmp_path):
+    recipe = tiny_dgpo_recipe(tiny_model_dir, tmp_path)
+    out = tmp_path / "seeds"
+    assert main(["compare", f"dgpo={recipe}", "--output", str(out), "--budget-steps", "1", "--eval-every", "1",
+                 "--eval-images", "1", "--seeds", "2", "--threshold", "0.0"]) == 0
+    rows = list(csv.DictReader((out / "curves.csv").read_text().splitlines()))
+    assert [(int(r["seed"]), int(r["step"])) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    configs = [json.loads((out / "runs" / "dgpo" / f"seed-{k}" / "results.json").read_text())["config"]["run"]["seed"] for k in (0, 1)]
+    assert configs == [0, 1]
+    # Different seeds draw different prompts and noise: the trained models differ.
+    assert rows[1]["overall"] != rows[3]["overall"] or rows[1]["velocity_drift"] != rows[3]["velocity_drift"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipes"]["dgpo"]["seeds"] == [0, 1] and summary["budget"]["seeds"] == 2
 
 
 def test_compare_rejects_duplicate_names_and_unknown_baseline(tmp_path, capsys):

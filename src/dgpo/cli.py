@@ -65,7 +65,7 @@ def cmd_compare(args) -> int:
     from .train.compare import Budget, markdown_summary, parse_recipe, run_comparison
 
     recipes = [parse_recipe(text) for text in args.recipes]
-    budget = Budget(args.budget_steps, args.budget_seconds, args.budget_forwards, args.eval_every, args.eval_images)
+    budget = Budget(args.budget_steps, args.budget_seconds, args.budget_forwards, args.eval_every, args.eval_images, args.seeds)
     summary = run_comparison(recipes, Path(args.output), budget, args.threshold or [0.45, 0.5], args.set or [], args.baseline, args.reuse)
     print(markdown_summary(summary))
     print(f"\nwrote {args.output}/curves.csv, curves.png, summary.json, summary.md")
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="recipe the ratios are relative to (default: the first)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override applied to every recipe (repeatable)")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in OUTPUT/runs whose config matches")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per recipe (run.seed 0..N-1); the summary gives mean +- se and bootstrap intervals (default: 1)")
     _add_import_arg(p)
     p.set_defaults(fn=cmd_compare)
 

@@ -1,19 +1,28 @@
 """Run several recipes under one evaluation protocol and budget; report time and compute to score thresholds.
 
-Every recipe trains from the same base model with the same seed, test prompts and evaluation
-interval, until its step, wall-clock or forward-equivalent budget runs out. Compute is counted both in seconds of
-training (evaluation excluded) and in model forward-equivalents (a backward counts as two
-forwards), so the ratios carry across machines. Writes, under the output directory:
-``curves.csv`` (one row per evaluation), ``curves.png``, ``summary.json`` and ``summary.md``.
+Every recipe trains from the same base model with the same training seeds (``run.seed`` 0..N-1), test
+prompts and evaluation interval, until its step, wall-clock or forward-equivalent budget runs out.
+Compute is counted both in seconds of training (evaluation excluded) and in model forward-equivalents
+(a backward counts as two forwards), so the ratios carry across machines. Writes, under the output
+directory: ``curves.csv`` (one row per evaluation and seed), ``curves.png`` (mean +- standard error
+across seeds), ``summary.json`` and ``summary.md``.
+
+The cost of a recipe to a threshold is the mean over its seeds of each seed's cost to its first
+evaluation at or above it. A seed that never reaches it counts at the cost it spent, so the mean is
+then a lower bound, and so is its ratio to the baseline; a baseline seed that never reaches it makes
+the ratio an upper bound. The ratio's interval is a bootstrap over seeds (recipe and baseline resampled
+independently, 2000 draws, 2.5th-97.5th percentile).
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,6 +40,7 @@ class Budget:
     forwards: float = 0.0
     eval_every: int = 10
     eval_images_per_category: int = 24
+    seeds: int = 1
 
 
 def parse_recipe(text: str) -> tuple[str, Path]:
@@ -43,11 +53,12 @@ def parse_recipe(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides: list[str], reuse: bool, log=print) -> list[dict]:
-    """Train one recipe under the shared protocol (or reuse a finished run); returns its evaluations."""
-    run_dir = output / "runs" / name
+def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides: list[str], reuse: bool, seed: int = 0, log=print) -> list[dict]:
+    """Train one recipe with one training seed under the shared protocol (or reuse a finished run); returns its evaluations."""
+    run_dir = output / "runs" / name / f"seed-{seed}"
     protocol = [
         f"run.output_dir={run_dir}",
+        f"run.seed={seed}",
         f"run.max_steps={budget.steps}",
         f"run.max_seconds={budget.seconds}",
         f"run.max_forward_equivalents={budget.forwards}",
@@ -60,22 +71,23 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     finished = run_dir / "results.json"
     as_saved = json.loads(json.dumps(config.to_dict()))
     if reuse and finished.exists() and json.loads(finished.read_text()).get("config") == as_saved:
-        log(f"{name}: reusing the finished run in {run_dir}")
+        log(f"{name} seed {seed}: reusing the finished run in {run_dir}")
     else:
         limits = [f"{budget.steps} steps"] + ([f"{budget.seconds:.0f} s"] if budget.seconds else [])
         limits += [f"{budget.forwards:.3g} forwards"] if budget.forwards else []
-        log(f"{name}: training {recipe} (budget {', '.join(limits)})")
+        log(f"{name} seed {seed}: training {recipe} (budget {', '.join(limits)})")
         summary = run_training(config, overwrite=True, log=log)
         if summary["status"] != 0:
-            raise UserError(f"recipe {name} stopped early with status {summary['status']}")
+            raise UserError(f"recipe {name} (seed {seed}) stopped early with status {summary['status']}")
     return json.loads((run_dir / "evals.json").read_text())
 
 
-def curve_rows(name: str, evals: list[dict]) -> list[dict]:
+def curve_rows(name: str, evals: list[dict], seed: int = 0) -> list[dict]:
     rows = []
     for e in sorted(evals, key=lambda e: e["step"]):
         row = {
             "recipe": name,
+            "seed": seed,
             "step": e["step"],
             "training_seconds": round(e.get("training_seconds", 0.0), 2),
             "forward_equivalents": int(e.get("forward_equivalents", 0)),
@@ -95,54 +107,129 @@ def time_to_threshold(rows: list[dict], threshold: float) -> dict | None:
     return None
 
 
-def summarize(curves: dict[str, list[dict]], thresholds: list[float], baseline: str) -> dict:
-    """Per recipe: start/best/final score and the cost to each threshold, with ratios to ``baseline``."""
+def seed_cost(rows: list[dict], threshold: float) -> dict:
+    """One seed's cost to ``threshold``: at its first evaluation reaching it, or (not reached) all it spent."""
+    reached = time_to_threshold(rows, threshold)
+    at = reached or rows[-1]
+    return {"reached": reached is not None, "step": at["step"], "training_seconds": at["training_seconds"], "forward_equivalents": at["forward_equivalents"]}
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    mean = float(np.mean(values))
+    return mean, (float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0)
+
+
+def bootstrap_ratio(costs: list[float], baseline: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """2.5th and 97.5th percentile of mean(costs*) / mean(baseline*) over seeds resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    a = rng.choice(np.asarray(costs, dtype=float), size=(draws, len(costs))).mean(axis=1)
+    b = rng.choice(np.asarray(baseline, dtype=float), size=(draws, len(baseline))).mean(axis=1)
+    ratios = a / np.maximum(b, 1e-12)
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def threshold_entry(costs: list[dict], baseline_costs: list[dict]) -> dict:
+    """A recipe's cost to one threshold over its seeds, and its ratio to the baseline's with a bootstrap interval."""
+    entry = {
+        "seeds": len(costs),
+        "reached_seeds": sum(c["reached"] for c in costs),
+        "step": float(np.mean([c["step"] for c in costs])),
+        "training_seconds": float(np.mean([c["training_seconds"] for c in costs])),
+        "forward_equivalents": float(np.mean([c["forward_equivalents"] for c in costs])),
+        "per_seed": costs,
+    }
+    recipe_reached, baseline_reached = entry["reached_seeds"] == len(costs), all(c["reached"] for c in baseline_costs)
+    # A recipe short of the threshold spent at least its cost: lower bound; a baseline short of it, an upper bound.
+    bound = "exact" if recipe_reached and baseline_reached else "lower" if baseline_reached else "upper" if recipe_reached else "none"
+    ratio = {"bound": bound}
+    for unit in ("training_seconds", "forward_equivalents"):
+        ours, theirs = [c[unit] for c in costs], [c[unit] for c in baseline_costs]
+        if bound == "none" or np.mean(theirs) <= 0:
+            continue
+        key = "seconds" if unit == "training_seconds" else "forwards"
+        ratio[key] = round(float(np.mean(ours) / np.mean(theirs)), 3)
+        ratio[f"{key}_interval"] = [round(x, 3) for x in bootstrap_ratio(ours, theirs)]
+    entry["ratio"] = ratio
+    return entry
+
+
+def mean_curve(seed_rows: dict[int, list[dict]]) -> list[dict]:
+    """Per evaluation step: mean +- standard error of the overall score over the seeds that evaluated it, and their mean cost."""
+    steps = sorted({row["step"] for rows in seed_rows.values() for row in rows})
+    curve = []
+    for step in steps:
+        at = [row for rows in seed_rows.values() for row in rows if row["step"] == step]
+        mean, se = mean_and_se([row["overall"] for row in at])
+        curve.append({
+            "step": step, "seeds": len(at), "overall_mean": round(mean, 4), "overall_se": round(se, 4),
+            "training_seconds": float(np.mean([row["training_seconds"] for row in at])),
+            "forward_equivalents": float(np.mean([row["forward_equivalents"] for row in at])),
+        })
+    return curve
+
+
+def summarize(curves: dict[str, dict[int, list[dict]]], thresholds: list[float], baseline: str) -> dict:
+    """Per recipe (``curves``: recipe -> seed -> evaluation rows): the mean curve, start/best/final score and the cost to
+    each threshold with its ratio to ``baseline`` (see the module docstring for bounds and intervals)."""
     recipes = {}
-    for name, rows in curves.items():
+    costs = {name: {t: [seed_cost(rows, t) for rows in seed_rows.values()] for t in thresholds} for name, seed_rows in curves.items()}
+    for name, seed_rows in curves.items():
+        curve = mean_curve(seed_rows)
+        finals = [rows[-1] for rows in seed_rows.values()]
         recipes[name] = {
-            "start": rows[0]["overall"],
-            "best": max(r["overall"] for r in rows),
-            "final": rows[-1]["overall"],
-            "final_step": rows[-1]["step"],
-            "training_seconds": rows[-1]["training_seconds"],
-            "forward_equivalents": rows[-1]["forward_equivalents"],
-            "thresholds": {str(t): time_to_threshold(rows, t) for t in thresholds},
+            "seeds": sorted(seed_rows),
+            "start": curve[0]["overall_mean"],
+            "best": max(point["overall_mean"] for point in curve),
+            "final": round(float(np.mean([row["overall"] for row in finals])), 4),
+            "final_se": round(mean_and_se([row["overall"] for row in finals])[1], 4),
+            "final_step": max(row["step"] for row in finals),
+            "training_seconds": float(np.mean([row["training_seconds"] for row in finals])),
+            "forward_equivalents": float(np.mean([row["forward_equivalents"] for row in finals])),
+            "curve": curve,
+            "thresholds": {str(t): threshold_entry(costs[name][t], costs[baseline][t]) for t in thresholds},
         }
-    for entry in recipes.values():
-        for t, reached in entry["thresholds"].items():
-            base = recipes[baseline]["thresholds"][t]
-            if reached is not None and base is not None and base["training_seconds"] > 0:
-                reached["seconds_ratio_to_baseline"] = round(reached["training_seconds"] / base["training_seconds"], 3)
-                reached["forwards_ratio_to_baseline"] = round(reached["forward_equivalents"] / max(base["forward_equivalents"], 1), 3)
     return {"baseline": baseline, "thresholds": thresholds, "recipes": recipes}
+
+
+def _ratio_cell(entry: dict) -> str:
+    ratio = entry["ratio"]
+    if "seconds" not in ratio:
+        return "-"
+    sign = {"exact": "", "lower": ">= ", "upper": "<= "}[ratio["bound"]]
+    low, high = ratio["seconds_interval"]
+    return f"{sign}{ratio['seconds']:.2f}x [{low:.2f}, {high:.2f}]"
 
 
 def markdown_summary(summary: dict) -> str:
     thresholds = summary["thresholds"]
-    header = "| recipe | start | best | final (step) | " + " | ".join(f"to {t}: s / forwards / x{summary['baseline']}" for t in thresholds) + " |"
-    lines = [header, "|" + "---|" * (4 + len(thresholds))]
+    header = "| recipe | seeds | start | best | final +- se (step) | " + " | ".join(
+        f"to {t}: s / forwards (seeds reaching) / x{summary['baseline']} in seconds [95%]" for t in thresholds) + " |"
+    lines = [header, "|" + "---|" * (5 + len(thresholds))]
     for name, entry in summary["recipes"].items():
         cells = []
         for t in thresholds:
             reached = entry["thresholds"][str(t)]
-            if reached is None:
-                cells.append("not reached")
-            else:
-                ratio = reached.get("seconds_ratio_to_baseline")
-                cells.append(f"{reached['training_seconds']:.0f} s / {reached['forward_equivalents']:.3g} / " + (f"{ratio:.2f}x" if ratio is not None else "-"))
-        lines.append(f"| {name} | {entry['start']:.3f} | {entry['best']:.3f} | {entry['final']:.3f} ({entry['final_step']}) | " + " | ".join(cells) + " |")
+            prefix = "" if reached["reached_seeds"] == reached["seeds"] else ">= "
+            cells.append(f"{prefix}{reached['training_seconds']:.0f} s / {prefix}{reached['forward_equivalents']:.3g} "
+                         f"({reached['reached_seeds']}/{reached['seeds']}) / {_ratio_cell(reached)}")
+        lines.append(f"| {name} | {len(entry['seeds'])} | {entry['start']:.3f} | {entry['best']:.3f} | "
+                     f"{entry['final']:.3f} +- {entry['final_se']:.3f} ({entry['final_step']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_comparison(curves: dict[str, list[dict]], path: Path) -> None:
+def plot_comparison(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, rows in curves.items():
-        overall = [r["overall"] for r in rows]
-        axes[0].plot([r["training_seconds"] for r in rows], overall, marker="o", label=name)
-        axes[1].plot([r["forward_equivalents"] for r in rows], overall, marker="o", label=name)
-        axes[2].plot([r["step"] for r in rows], overall, marker="o", label=name)
+    for name, entry in summary["recipes"].items():
+        curve = entry["curve"]
+        mean = np.array([p["overall_mean"] for p in curve])
+        se = np.array([p["overall_se"] for p in curve])
+        for ax, key in zip(axes, ("training_seconds", "forward_equivalents", "step")):
+            x = [p[key] for p in curve]
+            (line,) = ax.plot(x, mean, marker="o", label=f"{name} ({len(entry['seeds'])} seeds)")
+            ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2)
     for ax, xlabel in zip(axes, ("training seconds (this CPU)", "model forward-equivalents", "optimizer steps")):
-        ax.set(xlabel=xlabel, ylabel="ShapesEval overall", title=f"score vs {xlabel.split(' (')[0]}")
+        ax.set(xlabel=xlabel, ylabel="ShapesEval overall (mean +- se)", title=f"score vs {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -166,15 +253,20 @@ def run_comparison(
     baseline = baseline or names[0]
     if baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not one of the recipes {names}")
+    if budget.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {budget.seeds}")
     output.mkdir(parents=True, exist_ok=True)
-    curves = {name: curve_rows(name, run_recipe(name, path, output, budget, list(overrides), reuse, log)) for name, path in recipes}
+    curves = {
+        name: {seed: curve_rows(name, run_recipe(name, path, output, budget, list(overrides), reuse, seed, log), seed) for seed in range(budget.seeds)}
+        for name, path in recipes
+    }
     with open(output / "curves.csv", "w", newline="") as handle:
-        all_rows = [row for rows in curves.values() for row in rows]
+        all_rows = [row for seed_rows in curves.values() for rows in seed_rows.values() for row in rows]
         writer = csv.DictWriter(handle, fieldnames=list(all_rows[0]))
         writer.writeheader()
         writer.writerows(all_rows)
-    plot_comparison(curves, output / "curves.png")
     summary = summarize(curves, thresholds, baseline)
+    plot_comparison(summary, output / "curves.png")
     summary["budget"] = budget.__dict__
     summary["overrides"] = list(overrides)
     summary["recipes_run"] = {name: str(path) for name, path in recipes}
