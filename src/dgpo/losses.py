@@ -428,3 +428,145 @@ def flow_grpo_kl(mean_theta: Tensor, mean_ref: Tensor, std: Tensor | float, dt: 
     """
     exact = sde_step_kl(mean_theta, mean_ref, std)
     return exact * torch.as_tensor(dt, dtype=exact.dtype, device=exact.device).abs().reshape(-1)
+
+
+def nft_optimality(advantages: Tensor, advantage_max: float) -> Tensor:
+    """DiffusionNFT's optimality probability r in [0, 1] from group advantages (arXiv 2509.16117, Sec. 3).
+
+        r_i = clip(clip(A_i, -A_max, A_max) / A_max / 2 + 1/2, 0, 1)
+
+    The paper writes r = 1/2 + 1/2 clip((r_raw - E[r_raw]) / Z_c, -1, 1) with a normaliser Z_c; the reference code
+    (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py, the "normalize advantage" lines of the training loop) divides the
+    std-normalised advantage by its clip bound adv_clip_max (5), i.e. Z_c = 5 std. This follows the code.
+    """
+    if advantage_max <= 0:
+        raise ValueError(f"advantage_max must be > 0, got {advantage_max}")
+    clipped = advantages.clamp(-advantage_max, advantage_max)
+    return (clipped / advantage_max / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+def diffusion_nft_loss(
+    v_theta: Tensor,
+    v_old: Tensor,
+    x_t: Tensor,
+    x0: Tensor,
+    sigma: Tensor,
+    advantages: Tensor,
+    beta: float,
+    *,
+    advantage_max: float = 5.0,
+    num_samples: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DiffusionNFT's negative-aware flow-matching loss (arXiv 2509.16117, Eq. 7 with its adaptive weighting).
+
+    With the forward-noised final sample x_t = (1 - t) x0 + t eps, target v = eps - x0, the old (rollout) policy's
+    velocity v_old, the trained one v_theta and the guidance strength beta, the implicit positive and negative
+    policies are
+
+        v+ = (1 - beta) v_old + beta v_theta,        v- = (1 + beta) v_old - beta v_theta
+
+    and the paper's loss is r ||v+ - v||^2 + (1 - r) ||v- - v||^2 with r = ``nft_optimality(A, A_max)``. The reference
+    code (scripts/train_nft_sd3.py, "adaptive weighting") regresses the x0 predictions x0± = x_t - t v± instead, each
+    error normalised by its own detached mean absolute error, and scales by A_max / beta:
+
+        e±_i = x0±_i - x0_i   (= t_i (v - v±_i)),     w±_i = stopgrad(max(mean_k |e±_ik|, 1e-5))
+        l±_i = mean_k (e±_ik)^2 / w±_i
+        L    = (A_max / beta) * (1 / N) * sum_i [ r_i l+_i + (1 - r_i) l-_i ]
+
+    This function is that code form. At v_theta = v_old the gradient is (1/N) sum_i A_i d/dtheta [t_i^2 mean_k
+    (v_theta - v)^2 / w_i]: advantage-weighted flow matching, whatever beta. ``N`` is ``num_samples`` (the global
+    sample count, so that micro-batches and ranks sum to the full-batch gradient), default the local count. ``v_old``
+    must carry no gradient (it is detached here). ``sigma`` is one t per sample.
+
+    Metrics: ``old_deviation`` mean (v_theta - v_old)^2 (the reference's old_deviate), ``positive_loss`` and
+    ``negative_loss`` the means of l+ and l-, ``optimality_mean`` the mean r.
+    """
+    if v_theta.shape != v_old.shape or v_theta.shape != x_t.shape or v_theta.shape != x0.shape:
+        raise ValueError(f"shape mismatch: v_theta {tuple(v_theta.shape)}, v_old {tuple(v_old.shape)}, x_t {tuple(x_t.shape)}, x0 {tuple(x0.shape)}")
+    _require_same_shape(sigma=sigma, advantages=advantages)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    num_samples = v_theta.shape[0] if num_samples is None else num_samples
+    dims = tuple(range(1, v_theta.ndim))
+    t = sigma.view(-1, *([1] * (v_theta.ndim - 1))).to(v_theta.dtype)
+    v_old = v_old.detach()
+    r = nft_optimality(advantages.detach().to(v_theta.dtype), advantage_max)
+
+    def self_normalised(v_implicit: Tensor) -> Tensor:
+        error = (x_t - t * v_implicit) - x0
+        with torch.no_grad():
+            weight = error.double().abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
+        return (error.square() / weight).to(v_theta.dtype).mean(dim=dims)
+
+    positive = self_normalised(beta * v_theta + (1.0 - beta) * v_old)
+    negative = self_normalised((1.0 + beta) * v_old - beta * v_theta)
+    per_sample = r * positive + (1.0 - r) * negative
+    loss = (advantage_max / beta) * per_sample.sum() / num_samples
+    with torch.no_grad():
+        metrics = {
+            "old_deviation": (v_theta - v_old).square().mean(),
+            "positive_loss": positive.mean(),
+            "negative_loss": negative.mean(),
+            "optimality_mean": r.mean(),
+        }
+    return loss, metrics
+
+
+_AWM_WEIGHTINGS = ("ghuber", "uniform")
+_GHUBER_EPS = 1e-10
+
+
+def awm_matching_loss(err: Tensor, sigma: Tensor, weighting: str = "ghuber", power: float = 0.25) -> Tensor:
+    """Per-sample flow-matching loss of AWM (arXiv 2509.25050), the negative of its code's ``log_prob``.
+
+        uniform:  m_i = l_i
+        ghuber:   m_i = t_i * ((l_i + 1e-10)^p - (1e-10)^p) / p          (generalised Huber, p = ``power``)
+
+    where l_i = mean_k (v_theta - (eps - x0))^2 is the velocity error at t_i. The paper weights the matching loss by
+    w(t); the reference code's configs all use "ghuber" with p = 0.25 (scxue/advantage_weighted_matching,
+    scripts/train_sd3_awm.py: compute_log_prob_awm; config/dgx_awm.py: weighting, ghuber_power).
+    """
+    if weighting not in _AWM_WEIGHTINGS:
+        raise ValueError(f"unknown AWM weighting {weighting!r}; expected one of {_AWM_WEIGHTINGS}")
+    _require_same_shape(err=err, sigma=sigma)
+    if weighting == "uniform":
+        return err
+    if power <= 0:
+        raise ValueError(f"power must be > 0, got {power}")
+    return sigma.to(err.dtype) * ((err + _GHUBER_EPS).pow(power) - _GHUBER_EPS**power) / power
+
+
+def awm_loss(
+    advantages: Tensor,
+    err_theta: Tensor,
+    sigma: Tensor,
+    *,
+    advantage_max: float = 5.0,
+    weighting: str = "ghuber",
+    power: float = 0.25,
+    num_samples: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Advantage Weighted Matching (AWM, arXiv 2509.25050, Sec. 4): the pretraining flow-matching loss on the rollout
+    samples, weighted by their advantage.
+
+        L = (1 / N) * sum_i (A_i / A_max) * m_i,        m_i = awm_matching_loss(l_i, t_i)
+
+    The reference code writes it as a PPO surrogate mean(max(-A' ratio, -A' clip(ratio, 1 - c, 1 + c))) with
+    ratio = exp(-m - stopgrad(-m)) and A' = clip(A, -5, 5) / 5 * advantage_max (advantage_max = 1); on-policy
+    (its train.off_policy False) the "old" value is the current model's own detached one, so the ratio is 1, clip_range 1
+    never binds, and the gradient is exactly that of L above, which this function returns (its value differs: the
+    reference's is -mean(A')). ``A_max`` is the advantage clip bound (the reference's adv_clip_max, 5); ``N`` the
+    global sample count, default the local count.
+
+    Metrics: ``matching_loss`` the mean m_i, ``velocity_error`` the mean l_i.
+    """
+    _require_same_shape(advantages=advantages, err_theta=err_theta, sigma=sigma)
+    if advantage_max <= 0:
+        raise ValueError(f"advantage_max must be > 0, got {advantage_max}")
+    num_samples = err_theta.numel() if num_samples is None else num_samples
+    matching = awm_matching_loss(err_theta, sigma, weighting, power)
+    weights = advantages.detach().clamp(-advantage_max, advantage_max) / advantage_max
+    loss = (weights * matching).sum() / num_samples
+    with torch.no_grad():
+        metrics = {"matching_loss": matching.mean(), "velocity_error": err_theta.mean()}
+    return loss, metrics

@@ -292,12 +292,21 @@ def sde_sample(
     generator: torch.Generator | None = None,
     return_trajectory: bool = True,
     step_noise: Tensor | None = None,
+    sde_steps: Tensor | None = None,
 ) -> SampleOutput:
     """Flow-GRPO SDE rollout: ``sde_step`` at every step of ``sigmas`` (the last one to sigma = 0
     included), with sigma_max = sigmas[1], recording each transition's ``sde_step_log_prob``.
 
     The injected noise is ``step_noise[:, i]`` at step i when given, shape (B, num_steps, ...),
     so a caller can key it per sample; otherwise it is drawn from ``generator``.
+
+    ``sde_steps`` (B, num_steps) bool, when given, makes the rollout Flow-GRPO-Fast's: sample n takes the SDE step
+    at step i only where ``sde_steps[n, i]``, and elsewhere the deterministic Euler step of the ODE,
+
+        x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i)
+
+    (Flow-GRPO's SDE step at noise level 0), whose log-prob entry is NaN. The noise of every step is still drawn,
+    so a sample's SDE steps see the same noise whatever its window.
 
     Returns the trajectory (num_steps + 1 states, needed to recompute log-probs under the
     current policy) and log_probs of shape (B, num_steps).
@@ -310,13 +319,46 @@ def sde_sample(
     num_steps = len(sigma_values) - 1
     if step_noise is not None and tuple(step_noise.shape) != (noise.shape[0], num_steps, *noise.shape[1:]):
         raise ValueError(f"step_noise must have shape (B, {num_steps}, ...) = {(noise.shape[0], num_steps, *noise.shape[1:])}, got {tuple(step_noise.shape)}")
+    if sde_steps is not None:
+        if tuple(sde_steps.shape) != (noise.shape[0], num_steps):
+            raise ValueError(f"sde_steps must have shape (B, num_steps) = {(noise.shape[0], num_steps)}, got {tuple(sde_steps.shape)}")
+        sde_steps = sde_steps.to(device=noise.device, dtype=torch.bool)
     for i in range(num_steps):
         v = velocity_fn(x, _batch_sigma(sigmas, i, x.shape[0]))
-        x, mean, std = sde_step(
+        x_sde, mean, std = sde_step(
             x, v, sigma_values[i], sigma_values[i + 1], noise_level,
             noise=None if step_noise is None else step_noise[:, i], generator=generator, sigma_max=sigma_values[1],
         )
-        log_probs.append(sde_step_log_prob(x, mean, std))
+        log_prob = sde_step_log_prob(x_sde, mean, std)
+        if sde_steps is None:
+            x = x_sde
+        else:
+            stochastic = sde_steps[:, i]
+            x = torch.where(stochastic.view(-1, *([1] * (x.ndim - 1))), x_sde, x + (sigma_values[i + 1] - sigma_values[i]) * v)
+            log_prob = torch.where(stochastic, log_prob, torch.full_like(log_prob, math.nan))
+        log_probs.append(log_prob)
         if trajectory is not None:
             trajectory.append(x)
     return SampleOutput(sample=x, sigmas=sigmas, trajectory=trajectory, log_probs=torch.stack(log_probs, dim=1))
+
+
+def sde_window_starts(u: Tensor, window: int, window_range: tuple[int, int]) -> Tensor:
+    """Flow-GRPO-Fast's window start from U[0, 1) draws ``u`` (one per sample): uniform over the integers
+
+        start in [lo, hi - window],   (lo, hi) = window_range
+
+    as Flow-GRPO's ``random.randint(sde_window_range[0], sde_window_range[1] - sde_window_size)``
+    (flow_grpo/diffusers_patch/sd3_pipeline_with_logprob_fast.py). Steps start .. start + window - 1 are stochastic.
+    """
+    lo, hi = window_range
+    if window < 1 or lo < 0 or hi - lo < window:
+        raise ValueError(f"need window >= 1 and 0 <= lo, lo + window <= hi; got window={window}, window_range={window_range}")
+    count = hi - window - lo + 1
+    return lo + (u * count).long().clamp(max=count - 1)
+
+
+def sde_window_steps(starts: Tensor, window: int, num_steps: int) -> Tensor:
+    """(B, num_steps) bool mask for ``sde_sample(sde_steps=...)``: step i of sample n is stochastic iff
+    starts[n] <= i < starts[n] + window."""
+    steps = torch.arange(num_steps, device=starts.device)
+    return (steps[None, :] >= starts[:, None]) & (steps[None, :] < starts[:, None] + window)

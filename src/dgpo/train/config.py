@@ -64,6 +64,10 @@ class RolloutConfig:
     noise_level: float = _help("sde sampler: a in sigma_t = a * sqrt(t / (1 - t)) (Flow-GRPO 0.7)", default=0.7)
     offline_pool: int = _help("offline training: rollouts come from the frozen reference model, generated once for "
                               "this many steps' prompts and reused cyclically (0 = online)", default=0)
+    sde_window: int = _help("sde sampler: Flow-GRPO-Fast's window, the number of consecutive SDE steps per sample, the other steps "
+                            "following the ODE (Euler); flow_grpo then trains loss.timesteps of the window's steps (0 = SDE at every step)", default=0)
+    sde_window_range: tuple[int, int] = _help("sde_window: each sample's window starts at a keyed uniform integer in [lo, hi - sde_window] "
+                                              "(Flow-GRPO-Fast: (0, num_steps // 2))", default=(0, 5))
 
 
 @dataclass
@@ -81,26 +85,34 @@ class RewardConfig:
 
 @dataclass
 class LossConfig:
-    algorithm: str = _help("training algorithm (registered variant): dgpo, diffusion_dpo, flow_grpo", default="dgpo")
+    algorithm: str = _help("training algorithm (registered variant): dgpo, diffusion_dpo, flow_grpo, diffusionnft, awm", default="dgpo")
     beta: float = _help("beta on the group sum of Eq. 17: the reference code's beta_dpo / G (paper beta_dpo 100 GenEval/OCR, 10 PickScore). "
                         "Default 100 / 12, beta_dpo 100 at the default G = 12; beta 100 on the sum would be beta_dpo 1200 and saturates the sigmoid",
                         default=100 / 12)
-    timesteps: int = _help("M: training timesteps per group per step (flow_grpo: trained SDE steps per sample)", default=2)
+    timesteps: int = _help("M: training timesteps per group per step (flow_grpo: trained SDE steps per sample; diffusionnft: "
+                           "rollout grid points per sample, a keyed permutation; awm: strata of grid points 1..grid_points-1)", default=2)
     timestep_mode: str = _help("continuous: t ~ U[t_min, t_max]; grid: one of the first grid_points rollout sigmas", default="continuous")
     t_min: float = _help("timestep clipping: lowest training sigma (paper: 0.3-0.6 stable)", default=0.6)
     t_max: float = _help("highest training sigma", default=1.0)
     t_min_end: float = _help("t_min at the last step, moved linearly from loss.t_min over run.max_steps (-1 = fixed)", default=-1.0)
-    grid_points: int = _help("grid mode: draw from the first k sigmas of the rollout schedule", default=5)
+    grid_points: int = _help("grid mode: draw from the first k sigmas of the rollout schedule (awm: from the first k without the first)", default=5)
     grid_draw: str = _help("grid mode: shared = the reference code's draw, loss.timesteps distinct grid points per step, the same for "
                            "every group (pass k trains the k-th); per_group = each group draws its own point, with replacement, "
                            "in every pass", default="shared")
     kl_beta: float = _help("weight of the KL to the reference model, in the reference code's units (paper 0). dgpo: beta_kl of "
                            "mean((v_theta - v_ref)^2) (DGPO code 0.02 GenEval/OCR, 0.001 PickScore); the term is weighted on the "
                            "preference loss's scale (x beta x G), so the ratio of the two gradients is the reference code's. "
-                           "flow_grpo: Flow-GRPO's per-step KL weight (0.04)", default=0.0)
+                           "flow_grpo: Flow-GRPO's per-step KL weight (0.04). diffusionnft, awm: weight of mean((v_theta - v_ref)^2) "
+                           "averaged over samples and timesteps, as in their code (DiffusionNFT 1e-4; AWM 1e-3 GenEval, 3e-3 OCR)", default=0.0)
     reference_guidance_scale: float = _help("CFG of the reference model in training (paper mode 2: 4.5; mode 1: 1)", default=1.0)
     ppo_clip_eps: float = _help("dgpo: PPO-style clip against the rollout EMA model (paper: 1e-3..1e-2; 0 = off); "
                                 "flow_grpo: the ratio clip (Flow-GRPO 1e-4, required)", default=0.0)
+    nft_beta: float = _help("diffusionnft: guidance strength beta of the implicit policies v+- = v_old +- beta (v_theta - v_old) "
+                            "(DiffusionNFT code 1.0; 0.1 OCR)", default=1.0)
+    awm_weighting: str = _help("awm: time weighting of the matching loss: ghuber (AWM code: t ((l + 1e-10)^p - 1e-10^p) / p) or uniform (l)", default="ghuber")
+    awm_ghuber_power: float = _help("awm: the power p of the ghuber weighting (AWM code 0.25)", default=0.25)
+    ema_kl_beta: float = _help("awm: weight of mean((v_theta - v_ema)^2) to the rollout EMA model, AWM's KL-EMA trust region "
+                               "(AWM code ema_beta 1; 0 = off)", default=0.0)
 
 
 @dataclass
@@ -190,6 +202,26 @@ class Config:
             (l.algorithm != "flow_grpo" or l.ppo_clip_eps > 0, "loss.algorithm=flow_grpo needs loss.ppo_clip_eps > 0 (its ratio clip; Flow-GRPO uses 1e-4)"),
             (l.algorithm != "flow_grpo" or l.timesteps <= r.num_steps, f"flow_grpo trains loss.timesteps={l.timesteps} of the rollout.num_steps={r.num_steps} SDE steps; it cannot exceed them"),
             (1 <= l.grid_points <= r.num_steps, f"loss.grid_points must be in [1, rollout.num_steps={r.num_steps}], got {l.grid_points}"),
+            (r.sde_window >= 0, f"rollout.sde_window must be >= 0 (0 = SDE at every step), got {r.sde_window}"),
+            (r.sde_window == 0 or r.sampler == "sde", f"rollout.sde_window={r.sde_window} needs rollout.sampler=sde, got {r.sampler!r}"),
+            (r.sde_window == 0 or 0 <= r.sde_window_range[0] <= r.sde_window_range[1] - r.sde_window <= r.num_steps - r.sde_window,
+             f"rollout.sde_window_range={list(r.sde_window_range)} must hold a window of {r.sde_window} steps within the {r.num_steps} rollout steps"),
+            (l.algorithm != "flow_grpo" or r.sde_window == 0 or l.timesteps <= r.sde_window,
+             f"flow_grpo trains loss.timesteps={l.timesteps} of the rollout.sde_window={r.sde_window} SDE steps; it cannot exceed them"),
+            (l.algorithm != "diffusionnft" or r.ema_after == 0, f"loss.algorithm=diffusionnft needs rollout.ema_after=0 (its old policy is the "
+             f"rollout model, an EMA of the policy; rollout.ema_decay 0 is on-policy), got {r.ema_after}"),
+            (l.algorithm != "diffusionnft" or r.offline_pool == 0, "loss.algorithm=diffusionnft needs online rollouts: its old policy "
+             "is the rollout EMA, not the reference model of rollout.offline_pool"),
+            (l.algorithm != "diffusionnft" or l.timesteps <= r.num_steps,
+             f"diffusionnft trains loss.timesteps={l.timesteps} of the rollout.num_steps={r.num_steps} grid points; it cannot exceed them"),
+            (l.algorithm != "awm" or l.timesteps <= l.grid_points - 1, f"awm draws one timestep per stratum of the rollout grid points "
+             f"1..loss.grid_points-1 ({l.grid_points - 1} points); loss.timesteps={l.timesteps} is more"),
+            (l.algorithm not in ("diffusionnft", "awm") or self.reward.advantage_clip > 0,
+             f"loss.algorithm={l.algorithm} normalises advantages by reward.advantage_clip; it must be > 0"),
+            (l.nft_beta > 0, f"loss.nft_beta must be > 0, got {l.nft_beta}"),
+            (l.awm_weighting in ("ghuber", "uniform"), f"loss.awm_weighting must be ghuber or uniform, got {l.awm_weighting!r}"),
+            (l.awm_ghuber_power > 0, f"loss.awm_ghuber_power must be > 0, got {l.awm_ghuber_power}"),
+            (l.ema_kl_beta >= 0, f"loss.ema_kl_beta must be >= 0 (0 = off), got {l.ema_kl_beta}"),
             (l.grid_draw in ("shared", "per_group"), f"loss.grid_draw must be shared or per_group, got {l.grid_draw!r}"),
             (l.timestep_mode != "grid" or l.grid_draw != "shared" or l.algorithm == "flow_grpo" or l.timesteps <= l.grid_points,
              f"loss.grid_draw=shared trains loss.timesteps={l.timesteps} distinct grid points; loss.grid_points={l.grid_points} "

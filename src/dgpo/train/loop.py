@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..models import load_model
 from ..models.base import PromptEmbeddings, cat_embeddings, index_embeddings
 from ..rewards import as_scores, combine_rewards, get_reward
-from ..sampling import cfg_velocity, flow_sigmas, get_sampler, sde_sample
+from ..sampling import cfg_velocity, flow_sigmas, get_sampler, sde_sample, sde_window_starts, sde_window_steps
 from ..seeding import keyed_generator, keyed_randn, keyed_uniform, stable_seed
 from .algorithms import UpdateContext, get_advantage, get_algorithm
 from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
@@ -265,7 +265,10 @@ class Trainer:
             if r.sampler == "sde":
                 keep = self.algorithm.needs_trajectory
                 step_noise = keyed_randn((r.num_steps, *self.model.latent_shape), self._sample_keys("sde-noise", step, sample_ids), device=self.acc.device)
-                out = sde_sample(velocity_fn, noise, sigmas, r.noise_level, step_noise=step_noise, return_trajectory=keep)
+                window = None
+                if r.sde_window > 0:
+                    window = sde_window_steps(self.sde_window_starts(step, sample_ids), r.sde_window, r.num_steps)
+                out = sde_sample(velocity_fn, noise, sigmas, r.noise_level, step_noise=step_noise, return_trajectory=keep, sde_steps=window)
             else:
                 out = get_sampler(r.sampler)(velocity_fn, noise, sigmas)
             latents = out.sample.float()
@@ -435,9 +438,16 @@ class Trainer:
         order = torch.randperm(l.grid_points, generator=keyed_generator("grid-timesteps", self.config.run.seed, step, update_index))
         return order[: l.timesteps]
 
-    def trajectory_steps(self, step: int, k: int, sample_ids: torch.Tensor, update_index: int = 0) -> torch.Tensor:
-        """The SDE step each sample trains in pass k: entry k of a keyed permutation of the rollout's steps."""
-        n = self.config.rollout.num_steps
+    def sde_window_starts(self, step: int, sample_ids) -> torch.Tensor:
+        """Flow-GRPO-Fast: the first SDE step of each sample's window (rollout.sde_window), keyed per sample."""
+        r = self.config.rollout
+        u = keyed_uniform(self._sample_keys("sde-window", step, [int(i) for i in sample_ids]))
+        return sde_window_starts(u, r.sde_window, tuple(r.sde_window_range))
+
+    def trajectory_steps(self, step: int, k: int, sample_ids: torch.Tensor, update_index: int = 0, n: int | None = None) -> torch.Tensor:
+        """The step each sample trains in pass k: entry k of a keyed permutation of the rollout's steps
+        (of range(n) when given, e.g. the steps of an SDE window)."""
+        n = self.config.rollout.num_steps if n is None else n
         orders = [torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed("sde-steps", self.config.run.seed, step, update_index, int(i)))) for i in sample_ids]
         return torch.stack([order[k] for order in orders])
 
