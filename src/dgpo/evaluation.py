@@ -12,19 +12,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from .models.base import FlowModelAdapter, PromptEmbeddings, cat_embeddings
-from .sampling import cfg_velocity, flow_sigmas, get_sampler
+from .rollout import SamplerSettings, sample
+from .sampling import sampler_check
 from .seeding import keyed_randn
 from .shapes.metrics import artifact_score, group_diversity
 from .shapes.prompts import CATEGORIES, PromptSpec, test_set
 from .shapes.verifier import verify
-
-
-@dataclass
-class SamplerSettings:
-    sampler: str = "dpm2m"
-    num_steps: int = 10
-    shift: float = 3.0
-    guidance_scale: float = 4.5
 
 
 @torch.no_grad()
@@ -35,18 +28,18 @@ def generate(
     settings: SamplerSettings,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for prompts[i] from the noise keyed by noise_keys[i] (deterministic)."""
-    sampler = get_sampler(settings.sampler)
+    """Images (N, 3, H, W) in [0, 1] for prompts[i] from the noise keyed by noise_keys[i] (deterministic):
+    ``dgpo.rollout.sample`` in batches, with an ODE sampler."""
+    message = sampler_check("sampler", settings.sampler, deterministic=True)
+    if message:
+        raise ValueError(message)
     uncond_single = model.encode_prompts([""])
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         noise = keyed_randn(model.latent_shape, noise_keys[start : start + batch_size], device=model.device)
-        cond = model.encode_prompts(chunk)
         uncond = cat_embeddings([uncond_single] * len(chunk))
-        velocity_fn = cfg_velocity(model.velocity, cond, uncond, settings.guidance_scale)
-        sigmas = flow_sigmas(settings.num_steps, settings.shift, device=noise.device)
-        images.append(model.decode(sampler(velocity_fn, noise, sigmas).sample).float().cpu())
+        images.append(sample(model, model.encode_prompts(chunk), uncond, noise, settings).images.cpu())
     return torch.cat(images)
 
 

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .registry import Registry
+
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 Conditioning = Tensor | tuple[Tensor, ...]
 
@@ -155,19 +157,6 @@ def dpm_solver_sample(
         if trajectory is not None:
             trajectory.append(x)
     return SampleOutput(sample=x, sigmas=sigmas, trajectory=trajectory)
-
-
-SAMPLERS: dict[str, Callable[..., SampleOutput]] = {
-    "euler": euler_sample,
-    "dpm2m": dpm_solver_sample,
-}
-
-
-def get_sampler(name: str) -> Callable[..., SampleOutput]:
-    """The ODE sampler registered under ``name`` in ``SAMPLERS``."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid choices: {sorted(SAMPLERS)}")
-    return SAMPLERS[name]
 
 
 def _concat_conditioning(first: Conditioning, second: Conditioning) -> Conditioning:
@@ -362,3 +351,68 @@ def sde_window_steps(starts: Tensor, window: int, num_steps: int) -> Tensor:
     starts[n] <= i < starts[n] + window."""
     steps = torch.arange(num_steps, device=starts.device)
     return (steps[None, :] >= starts[:, None]) & (steps[None, :] < starts[:, None] + window)
+
+
+# ----- the sampler registry ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler. ``stochastic``: an SDE, called as ``fn(velocity_fn, noise, sigmas, noise_level,
+    step_noise=..., sde_steps=..., return_trajectory=...)`` and returning per-step log-probs; otherwise an ODE
+    solver, ``fn(velocity_fn, noise, sigmas, return_trajectory=...)``, deterministic given the noise."""
+
+    fn: Callable[..., SampleOutput]
+    stochastic: bool = False
+
+    def sample(
+        self,
+        velocity_fn: VelocityFn,
+        noise: Tensor,
+        sigmas: Tensor,
+        *,
+        noise_level: float = 0.7,
+        step_noise: Tensor | None = None,
+        sde_steps: Tensor | None = None,
+        return_trajectory: bool = False,
+    ) -> SampleOutput:
+        """Run the sampler; the SDE-only arguments are passed to stochastic samplers only."""
+        if not self.stochastic:
+            return self.fn(velocity_fn, noise, sigmas, return_trajectory=return_trajectory)
+        if step_noise is None:
+            raise ValueError("a stochastic sampler needs step_noise (B, num_steps, ...): keyed noise keeps it reproducible")
+        return self.fn(velocity_fn, noise, sigmas, noise_level, step_noise=step_noise, return_trajectory=return_trajectory, sde_steps=sde_steps)
+
+
+SAMPLER_REGISTRY: Registry[Sampler] = Registry("sampler")
+SAMPLERS: dict[str, Callable[..., SampleOutput]] = {}
+"""The deterministic (ODE) samplers by name."""
+
+
+def register_sampler(name: str, fn: Callable[..., SampleOutput], stochastic: bool = False) -> Sampler:
+    sampler = SAMPLER_REGISTRY.register(name)(Sampler(fn, stochastic))
+    if not stochastic:
+        SAMPLERS[name] = fn
+    return sampler
+
+
+def get_sampler(name: str) -> Callable[..., SampleOutput]:
+    """The ODE sampler registered under ``name`` in ``SAMPLERS``."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sampler_check(field: str, name: str, deterministic: bool = False) -> str | None:
+    """Why ``name`` cannot be the value of config field ``field`` (None when it can): not registered, or
+    stochastic where ``deterministic`` is required."""
+    if name not in SAMPLER_REGISTRY:
+        return f"{field} must be one of {', '.join(SAMPLER_REGISTRY.names())}, got {name!r}"
+    if deterministic and SAMPLER_REGISTRY.get(name).stochastic:
+        return f"{field} must be an ODE sampler ({', '.join(sorted(SAMPLERS))}), got the SDE {name!r}"
+    return None
+
+
+register_sampler("euler", euler_sample)
+register_sampler("dpm2m", dpm_solver_sample)
+register_sampler("sde", sde_sample, stochastic=True)
