@@ -232,7 +232,10 @@ def test_informative_groups_look_at_the_whole_group():
     assert not informative_groups(advantages, group_ids).any()
     # group 1's nonzero advantages are on another rank: its local samples are informative all the same
     other_rank = {1: 2.0}
-    cross_rank_sum = lambda values, ids: local_group_sum(values, ids) + torch.tensor([other_rank.get(int(g), 0.0) for g in ids])
+
+    def cross_rank_sum(values, ids):
+        return local_group_sum(values, ids) + torch.tensor([other_rank.get(int(g), 0.0) for g in ids])
+
     assert informative_groups(advantages, group_ids, cross_rank_sum).tolist() == [False, False, True, True]
     assert informative_groups(torch.tensor([0.5, -0.5, 0.0, 0.0]), group_ids).tolist() == [True, True, False, False]
 

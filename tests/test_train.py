@@ -196,14 +196,14 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_model_dir, tmp_path
 def test_resume_keeps_a_kl_weight_the_guard_raised_unless_the_config_changes_it(tiny_model_dir, tmp_path):
     first = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 1})))
     first.train()
-    first.config.loss.kl_beta = 0.04  # what apply_guard's raise_kl does mid-run
+    assert first.state.raise_kl() == 0.02  # what apply_guard's raise_kl does mid-run
     first.save()
     same_config = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 1})), log=lambda *a: None)
     assert same_config.resume()
-    assert same_config.config.loss.kl_beta == 0.04
+    assert same_config.state.kl_beta == 0.02 and same_config.config.loss.kl_beta == 0.01
     edited = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 1, "loss.kl_beta": 0.5})), log=lambda *a: None)
     assert edited.resume()
-    assert edited.config.loss.kl_beta == 0.5
+    assert edited.state.kl_beta == 0.5
 
 
 TWO_PROCESS_SCRIPT = """
@@ -221,12 +221,12 @@ def test_brightness():
 overrides, out = json.loads(sys.argv[1]), sys.argv[2]
 trainer = Trainer(load_config(None, overrides))
 sums = []
-original = trainer.group_sum
+original = trainer.collectives.group_sum
 def recording_group_sum(values, group_ids):
     totals = original(values, group_ids)
     sums.append({int(g): float(t) for g, t in zip(group_ids, totals)})
     return totals
-trainer.group_sum = recording_group_sum
+trainer.collectives.group_sum = recording_group_sum
 trainer.train()
 if trainer.acc.is_main_process:
     torch.save({"params": {n: p.detach() for n, p in trainer.trainable}, "history": trainer.counters.history}, out + "/state.pt")
@@ -300,7 +300,7 @@ def test_reward_scores_a_chunk_while_the_next_chunk_is_generated(tiny_model_dir,
     register_reward("test_waiting")(waits_for_the_next_chunk)
     try:
         trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"reward.weights": {"test_waiting": 1.0}, "run.max_steps": 1})))
-        generate_chunk = trainer._generate_chunk
+        generate_chunk = trainer.rollouts.generate_chunk
         chunks = []
 
         def recording_generate_chunk(*args):
@@ -309,7 +309,7 @@ def test_reward_scores_a_chunk_while_the_next_chunk_is_generated(tiny_model_dir,
                 second_chunk_generated.set()
             return chunks[-1]
 
-        trainer._generate_chunk = recording_generate_chunk
+        trainer.rollouts.generate_chunk = recording_generate_chunk
         assert trainer.train() == 0
     finally:
         REWARDS.unregister("test_waiting")
@@ -387,6 +387,7 @@ def test_guard_raise_kl_doubles_the_kl_weight():
 
     from dgpo.train.config import Config
     from dgpo.train.run import apply_guard, guard_tripped
+    from dgpo.train.state import RunState
 
     assert guard_tripped({"artifact": 0.010}, {"artifact": 0.012}, "artifact", 0.1)
     assert not guard_tripped({"artifact": 0.010}, {"artifact": 0.0105}, "artifact", 0.1)
@@ -394,14 +395,14 @@ def test_guard_raise_kl_doubles_the_kl_weight():
     assert not guard_tripped({"diversity": 0.30}, {"diversity": 0.40}, "diversity", 0.1)
     config = Config()
     config.eval.guard_metric, config.eval.guard_action, config.loss.kl_beta = "diversity", "raise_kl", 0.02
-    trainer = SimpleNamespace(config=config, counters=SimpleNamespace(step=7), guard_stopped=False)
+    config.validate()
+    trainer = SimpleNamespace(config=config, counters=SimpleNamespace(step=7), state=RunState.from_config(config.loss.kl_beta))
     now = {"diversity": 0.1}
     apply_guard(trainer, {"diversity": 0.3}, now, log=lambda *a: None)
-    assert config.loss.kl_beta == 0.04 and not trainer.guard_stopped and now["guard"]["kl_beta"] == 0.04
+    assert trainer.state.kl_beta == 0.04 and not trainer.state.guard_stopped and now["guard"]["kl_beta"] == 0.04
+    assert config.loss.kl_beta == 0.02  # the config is frozen: the run state holds what changed
     # A recipe's small KL weight is doubled, not jumped to a floor; no KL at all starts at 0.01.
-    config.loss.kl_beta = 2.0e-4
-    apply_guard(trainer, {"diversity": 0.3}, {"diversity": 0.1}, log=lambda *a: None)
-    assert config.loss.kl_beta == 4.0e-4
-    config.loss.kl_beta = 0.0
-    apply_guard(trainer, {"diversity": 0.3}, {"diversity": 0.1}, log=lambda *a: None)
-    assert config.loss.kl_beta == 0.01
+    for configured, raised in ((2.0e-4, 4.0e-4), (0.0, 0.01)):
+        trainer.state = RunState.from_config(configured)
+        apply_guard(trainer, {"diversity": 0.3}, {"diversity": 0.1}, log=lambda *a: None)
+        assert trainer.state.kl_beta == raised

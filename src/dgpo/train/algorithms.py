@@ -1,14 +1,17 @@
 """Training algorithms and advantage functions as registered variants.
 
-The trainer owns rollouts, rewards and the optimizer. An algorithm turns one micro-batch
-of a step (final samples, and for SDE algorithms the trajectory with its log-probs) plus
-advantages into a loss and detached metrics; an advantage function turns a step's rewards
-into per-sample advantages. Adding a variant is one decorated function.
+The trainer owns rollouts, rewards and the optimizer. An algorithm turns one micro-batch of a step (final
+samples, and for SDE algorithms the trajectory with its log-probs) plus advantages into a loss and detached
+metrics; an advantage function turns a step's rewards into per-sample advantages. An algorithm receives what
+it computes with explicitly (``UpdateContext``: velocities, keyed draws, the cross-process group sum, its
+config sections), and registers what the rest of the package asks of it: its rollout sampler's kind, its
+config checks, its loss curves. Adding a variant is one decorated function.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any
 
 import torch
 
@@ -30,18 +33,17 @@ from ..losses import (
 from ..models.base import PromptEmbeddings
 from ..registry import Registry
 from ..sampling import cfg_velocity, sde_step_log_prob, sde_step_mean_std
-from ..seeding import keyed_randn, keyed_uniform
+from .draws import Draws
+from .sections import LossConfig, RewardConfig, RolloutConfig
 
-if TYPE_CHECKING:
-    from .config import Config, RewardConfig
-    from .loop import Trainer
+ModelVelocity = Callable[[torch.Tensor, torch.Tensor, PromptEmbeddings], torch.Tensor]
 
 
 @dataclass
 class UpdateContext:
-    """One micro-batch of one loss pass (DGPO: a training timestep; Flow-GRPO: a trajectory step)."""
+    """One micro-batch of one loss pass (DGPO: a training timestep; Flow-GRPO: a trajectory step), and what
+    the algorithm computes with."""
 
-    trainer: "Trainer"
     step: int
     pass_index: int
     sample_ids: torch.Tensor
@@ -49,6 +51,24 @@ class UpdateContext:
     x0: torch.Tensor
     embeddings: PromptEmbeddings
     advantages: torch.Tensor
+    loss: LossConfig
+    """The loss settings, with the KL weight in effect (the guard may have raised it: ``RunState.kl_beta``)."""
+    rollout: RolloutConfig
+    reward: RewardConfig
+    draws: Draws
+    velocity: ModelVelocity
+    """The policy's velocity v(x, sigma, embeddings), with gradients."""
+    old_velocity: ModelVelocity
+    """The rollout EMA's (the old policy), without gradients; call it before ``velocity`` (it swaps weights in place)."""
+    reference_velocity: ModelVelocity
+    """The frozen reference model's, without gradients and without CFG."""
+    empty_embeddings: Callable[[int], PromptEmbeddings]
+    group_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """Per-sample group totals over every process holding the group."""
+    groups_per_step: int
+    samples_per_step: int
+    count_forwards: Callable[[float], None]
+    """Adds model forward-equivalents done on this process (a backward counts as two)."""
     trajectory: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None
     update_index: int = 0
@@ -59,8 +79,20 @@ class UpdateContext:
         """Keys this pass's random draws (timesteps, noise, trajectory steps) within the step."""
         return (self.update_index, self.pass_index)
 
+    def guided_reference_velocity(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The reference's velocity on this micro-batch's prompts with CFG at loss.reference_guidance_scale."""
+        scale = self.loss.reference_guidance_scale
+        uncond = None if scale == 1 else self.empty_embeddings(x.shape[0])
+        return cfg_velocity(self.reference_velocity, self.embeddings, uncond, scale)(x, sigma)
+
 
 UpdateFn = Callable[[UpdateContext], tuple[torch.Tensor, dict[str, float]]]
+ConfigChecks = Callable[[Any], list[tuple[bool, str]]]
+"""(ok, one-line message) pairs on a Config (``dgpo.train.config.Config``), checked by ``Config.validate``."""
+
+
+def no_checks(config) -> list[tuple[bool, str]]:
+    return []
 
 
 @dataclass(frozen=True)
@@ -72,20 +104,34 @@ class Algorithm:
     text_dropout: train on the empty prompt with probability data.text_dropout (a
     likelihood-ratio method must score the rollout's own conditioning, so it sets False).
     advantages: an advantage function this algorithm always uses, else reward.advantage.
+    rollout_sampler: the kind of rollout.sampler it trains on: "sde" (a stochastic sampler), "ode" or "any".
+    checks: its own config checks (``ConfigChecks``).
+    curves: (metric, label) of the loss metrics plotted and shown; the first is shown in the progress bar.
     """
 
     update: UpdateFn
-    passes: Callable[["Config"], int]
+    passes: Callable[[Any], int]
     needs_trajectory: bool = False
     text_dropout: bool = True
     advantages: str | None = None
+    rollout_sampler: str = "any"
+    checks: ConfigChecks = no_checks
+    curves: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.rollout_sampler not in ("sde", "ode", "any"):
+            raise ValueError(f"rollout_sampler must be sde, ode or any, got {self.rollout_sampler!r}")
+        if self.needs_trajectory and self.rollout_sampler != "sde":
+            raise ValueError("an algorithm that needs the SDE trajectory must set rollout_sampler='sde'")
 
 
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
 get_algorithm = ALGORITHMS.get
 
 
-def register_algorithm(name: str, passes: Callable[["Config"], int], **options) -> Callable[[UpdateFn], UpdateFn]:
+def register_algorithm(name: str, passes: Callable[[Any], int], **options) -> Callable[[UpdateFn], UpdateFn]:
+    """Register ``update`` as algorithm ``name``; ``options`` are the other fields of ``Algorithm``."""
+
     def decorator(update: UpdateFn) -> UpdateFn:
         ALGORITHMS.register(name)(Algorithm(update, passes, **options))
         return update
@@ -93,50 +139,48 @@ def register_algorithm(name: str, passes: Callable[["Config"], int], **options) 
     return decorator
 
 
-AdvantageFn = Callable[[torch.Tensor, torch.Tensor, "RewardConfig"], torch.Tensor]
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, RewardConfig], torch.Tensor]
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage function")
 register_advantage = ADVANTAGES.register
 get_advantage = ADVANTAGES.get
 
 
 @register_advantage("normalized")
-def normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: "RewardConfig") -> torch.Tensor:
+def normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
     """(r - group mean) / std, clipped: the paper's A_i (weights w = |A|)."""
     clip = cfg.advantage_clip if cfg.advantage_clip > 0 else None
     return group_advantages(rewards, group_ids, std_mode=cfg.std_mode, clip=clip)
 
 
 @register_advantage("best_worst")
-def best_worst(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: "RewardConfig") -> torch.Tensor:
+def best_worst(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
     """+1 / -1 for each group's best / worst sample: Diffusion-DPO's pair."""
     return best_worst_advantages(rewards, group_ids)
 
 
 @register_advantage("rank")
-def rank(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: "RewardConfig") -> torch.Tensor:
+def rank(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
     """Centred ranks in [-1, 1]: a weighting that ignores the reward's scale."""
     return rank_advantages(rewards, group_ids)
 
 
 def renoise(ctx: UpdateContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_t = (1 - t) x0 + t eps with a per-group t and per-group shared eps; returns (x_t, t, v target)."""
-    tr = ctx.trainer
-    sigma = tr.training_sigmas(ctx.step, ctx.draw_key, ctx.group_ids)
-    eps = tr.group_noise(ctx.step, ctx.draw_key, ctx.group_ids)
+    sigma = ctx.draws.training_sigmas(ctx.step, ctx.draw_key, ctx.group_ids)
+    eps = ctx.draws.group_noise(ctx.step, ctx.draw_key, ctx.group_ids)
     s = sigma.view(-1, *([1] * (ctx.x0.dim() - 1)))
     return (1 - s) * ctx.x0 + s * eps, sigma, eps - ctx.x0
 
 
 def preference_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
     """The group preference loss of DGPO (paper Eq. 17) on re-noised final samples."""
-    tr, loss_cfg = ctx.trainer, ctx.trainer.config.loss
+    loss_cfg = ctx.loss
     xt, sigma, target = renoise(ctx)
-    v_ref = tr.reference_velocity(xt, sigma, ctx.embeddings)
+    v_ref = ctx.guided_reference_velocity(xt, sigma)
     if loss_cfg.ppo_clip_eps > 0:
         # Before the policy forward: swapping EMA weights in place would invalidate its autograd graph.
-        with torch.no_grad(), tr.rollout_ema.swapped_in():
-            err_old = per_sample_mse(tr.model.velocity(xt, sigma, ctx.embeddings).float(), target)
-    v_theta = tr.model.velocity(xt, sigma, ctx.embeddings)
+        err_old = per_sample_mse(ctx.old_velocity(xt, sigma, ctx.embeddings).float(), target)
+    v_theta = ctx.velocity(xt, sigma, ctx.embeddings)
     err_theta = per_sample_mse(v_theta.float(), target)
     err_ref = per_sample_mse(v_ref.float(), target)
     extra = {}
@@ -146,25 +190,48 @@ def preference_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float
         extra["clipped_fraction"] = clipped.float().mean()
     loss, metrics = dgpo_loss(
         ctx.advantages, err_theta, err_ref, ctx.group_ids.to(err_theta.device), loss_cfg.beta,
-        group_sum=tr.group_sum, num_groups=tr.layout.groups_per_step,
+        group_sum=ctx.group_sum, num_groups=ctx.groups_per_step,
     )
     metrics.update(extra)
     if loss_cfg.kl_beta > 0:
         kl = velocity_kl(v_theta.float(), v_ref.float())
         # kl_beta is the reference code's beta_kl: the KL is weighted on the preference loss's scale.
-        loss = loss + dgpo_kl_term(kl, loss_cfg.beta, loss_cfg.kl_beta, tr.layout.groups_per_step)
+        loss = loss + dgpo_kl_term(kl, loss_cfg.beta, loss_cfg.kl_beta, ctx.groups_per_step)
         metrics["kl"] = kl.mean().detach()
     ref_forwards = (2 if loss_cfg.reference_guidance_scale != 1 else 1) + (1 if loss_cfg.ppo_clip_eps > 0 else 0)
-    tr.count_forwards(len(ctx.sample_ids) * (3 + ref_forwards))
+    ctx.count_forwards(len(ctx.sample_ids) * (3 + ref_forwards))
     return loss, {k: float(v) for k, v in metrics.items()}
 
 
-register_algorithm("dgpo", passes=lambda c: c.loss.timesteps)(preference_update)
+def preference_checks(c) -> list[tuple[bool, str]]:
+    loss = c.loss
+    return [
+        (loss.timestep_mode != "grid" or loss.grid_draw != "shared" or loss.timesteps <= loss.grid_points,
+         f"loss.grid_draw=shared trains loss.timesteps={loss.timesteps} distinct grid points; loss.grid_points={loss.grid_points} "
+         "has fewer (raise grid_points or use grid_draw=per_group)"),
+    ]
+
+
+PREFERENCE_CURVES = (("preference_loss", "preference loss"), ("implicit_accuracy", "implicit accuracy"))
+register_algorithm("dgpo", passes=lambda c: c.loss.timesteps, checks=preference_checks, curves=PREFERENCE_CURVES)(preference_update)
 # Online Diffusion-DPO is the same loss on each group's best/worst pair (see best_worst_advantages).
-register_algorithm("diffusion_dpo", passes=lambda c: c.loss.timesteps, advantages="best_worst")(preference_update)
+register_algorithm("diffusion_dpo", passes=lambda c: c.loss.timesteps, advantages="best_worst", checks=preference_checks,
+                   curves=PREFERENCE_CURVES)(preference_update)
 
 
-@register_algorithm("flow_grpo", passes=lambda c: c.loss.timesteps, needs_trajectory=True, text_dropout=False)
+def flow_grpo_checks(c) -> list[tuple[bool, str]]:
+    loss, r = c.loss, c.rollout
+    return [
+        (loss.ppo_clip_eps > 0, "loss.algorithm=flow_grpo needs loss.ppo_clip_eps > 0 (its ratio clip; Flow-GRPO uses 1e-4)"),
+        (loss.timesteps <= r.num_steps,
+         f"flow_grpo trains loss.timesteps={loss.timesteps} of the rollout.num_steps={r.num_steps} SDE steps; it cannot exceed them"),
+        (r.sde_window == 0 or loss.timesteps <= r.sde_window,
+         f"flow_grpo trains loss.timesteps={loss.timesteps} of the rollout.sde_window={r.sde_window} SDE steps; it cannot exceed them"),
+    ]
+
+
+@register_algorithm("flow_grpo", passes=lambda c: c.loss.timesteps, needs_trajectory=True, text_dropout=False, rollout_sampler="sde",
+                    checks=flow_grpo_checks, curves=(("approx_kl", "approx. KL to the rollout policy"), ("clipped_fraction", "clipped fraction")))
 def flow_grpo_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow-GRPO: clipped likelihood ratio of one SDE transition per sample, plus KL to the reference.
 
@@ -174,54 +241,45 @@ def flow_grpo_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]
 
     Flow-GRPO-Fast (``rollout.sde_window`` > 0): the rollout follows the ODE except for a window of
     ``sde_window`` consecutive SDE steps starting at a keyed step of ``rollout.sde_window_range``
-    (``Trainer.sde_window_starts``), and pass k trains the k-th entry of a keyed permutation of the window's
+    (``Draws.sde_window_starts``), and pass k trains the k-th entry of a keyed permutation of the window's
     steps; with ``loss.timesteps = sde_window`` every window step is trained once, as in Flow-GRPO's
     train_sd3_fast.py. Flow-GRPO draws one window per sampling batch; here each sample draws its own, so that
     the draw does not depend on how samples are batched over processes.
     """
-    tr, c = ctx.trainer, ctx.trainer.config
-    r, loss_cfg = c.rollout, c.loss
+    r, loss_cfg, draws = ctx.rollout, ctx.loss, ctx.draws
     rows = torch.arange(len(ctx.sample_ids))
     if r.sde_window > 0:
-        offset = tr.trajectory_steps(ctx.step, ctx.pass_index, ctx.sample_ids, ctx.update_index, n=r.sde_window)
-        index = (tr.sde_window_starts(ctx.step, ctx.sample_ids) + offset).to(rows.device)
+        offset = draws.trajectory_steps(ctx.step, ctx.pass_index, ctx.sample_ids, ctx.update_index, n=r.sde_window)
+        index = (draws.sde_window_starts(ctx.step, ctx.sample_ids) + offset).to(rows.device)
     else:
-        index = tr.trajectory_steps(ctx.step, ctx.pass_index, ctx.sample_ids, ctx.update_index).to(rows.device)
-    sigmas = tr.rollout_sigmas()
+        index = draws.trajectory_steps(ctx.step, ctx.pass_index, ctx.sample_ids, ctx.update_index).to(rows.device)
+    sigmas = draws.sigmas
     x, x_next = ctx.trajectory[rows, index], ctx.trajectory[rows, index + 1]
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
-    uncond = tr.empty_embeddings(len(rows))
+    uncond = ctx.empty_embeddings(len(rows))
 
     def transition(velocity_fn):
         v = cfg_velocity(velocity_fn, ctx.embeddings, uncond, r.guidance_scale)(x, sigma)
         return sde_step_mean_std(x, v.float(), sigma, sigma_next, r.noise_level, sigma_max=sigmas[1])
 
-    mean, std = transition(tr.model.velocity)
+    mean, std = transition(ctx.velocity)
     log_prob = sde_step_log_prob(x_next, mean, std)
-    loss, metrics = flow_grpo_loss(log_prob, ctx.log_probs[rows, index], ctx.advantages, loss_cfg.ppo_clip_eps, tr.layout.samples_per_step)
+    loss, metrics = flow_grpo_loss(log_prob, ctx.log_probs[rows, index], ctx.advantages, loss_cfg.ppo_clip_eps, ctx.samples_per_step)
     cfg_factor = 2 if r.guidance_scale != 1 else 1
     forwards = 3 * cfg_factor
     if loss_cfg.kl_beta > 0:
-        with torch.no_grad(), tr.reference_model():
-            mean_ref, _ = transition(tr.model.velocity)
+        with torch.no_grad():
+            mean_ref, _ = transition(ctx.reference_velocity)
         # Flow-GRPO's code form: |dt| times the exact per-step KL, so kl_beta 0.04 means what it means there.
         kl = flow_grpo_kl(mean.float(), mean_ref.float(), std, sigma_next - sigma)
-        loss = loss + loss_cfg.kl_beta * kl.sum() / tr.layout.samples_per_step
+        loss = loss + loss_cfg.kl_beta * kl.sum() / ctx.samples_per_step
         metrics["kl"] = kl.mean().detach()
         forwards += cfg_factor
-    tr.count_forwards(len(rows) * forwards)
+    ctx.count_forwards(len(rows) * forwards)
     return loss, {k: float(v) for k, v in metrics.items()}
 
 
 # ----- log-prob-free algorithms on forward-noised final samples (DiffusionNFT, AWM) ---------------------------
-
-
-def sample_noise(ctx: UpdateContext, purpose: str) -> torch.Tensor:
-    """Re-noising noise drawn independently for every sample (as DiffusionNFT's and AWM's code do), keyed by
-    (purpose, seed, step, sample, pass)."""
-    tr = ctx.trainer
-    keys = [(purpose, tr.config.run.seed, ctx.step, int(i), ctx.draw_key) for i in ctx.sample_ids]
-    return keyed_randn(tr.model.latent_shape, keys, device=tr.acc.device)
 
 
 def _noised(x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -244,7 +302,25 @@ def stratified_grid_indices(u: torch.Tensor, k: int, strata: int, stop: int, sta
     return low + (u * (high - low).to(u.dtype)).long()
 
 
-@register_algorithm("diffusionnft", passes=lambda c: c.loss.timesteps)
+def advantage_clip_check(c) -> tuple[bool, str]:
+    return (c.reward.advantage_clip > 0, f"loss.algorithm={c.loss.algorithm} normalises advantages by reward.advantage_clip; it must be > 0")
+
+
+def diffusion_nft_checks(c) -> list[tuple[bool, str]]:
+    loss, r = c.loss, c.rollout
+    return [
+        (r.ema_after == 0, "loss.algorithm=diffusionnft needs rollout.ema_after=0 (its old policy is the rollout model, an EMA of the "
+         f"policy; rollout.ema_decay 0 is on-policy), got {r.ema_after}"),
+        (r.offline_pool == 0, "loss.algorithm=diffusionnft needs online rollouts: its old policy is the rollout EMA, not the reference "
+         "model of rollout.offline_pool"),
+        (loss.timesteps <= r.num_steps,
+         f"diffusionnft trains loss.timesteps={loss.timesteps} of the rollout.num_steps={r.num_steps} grid points; it cannot exceed them"),
+        advantage_clip_check(c),
+    ]
+
+
+@register_algorithm("diffusionnft", passes=lambda c: c.loss.timesteps, checks=diffusion_nft_checks,
+                    curves=(("positive_loss", "positive loss"), ("negative_loss", "negative loss"), ("old_deviation", "deviation from the old policy")))
 def diffusion_nft_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
     """DiffusionNFT (arXiv 2509.16117): negative-aware flow matching on forward-noised final samples.
 
@@ -254,32 +330,40 @@ def diffusion_nft_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, fl
     trains int(0.99 num_steps) of the grid's timesteps per sample, in a per-sample random order), on independent noise
     per sample. The old, policy and reference velocities are conditional only (DiffusionNFT is CFG-free).
     """
-    tr, c = ctx.trainer, ctx.trainer.config
-    loss_cfg = c.loss
-    index = tr.trajectory_steps(ctx.step, ctx.pass_index, ctx.sample_ids, ctx.update_index)
-    sigma = tr.rollout_sigmas()[index.to(tr.acc.device)]
-    eps = sample_noise(ctx, "nft-noise")
+    loss_cfg, draws = ctx.loss, ctx.draws
+    index = draws.trajectory_steps(ctx.step, ctx.pass_index, ctx.sample_ids, ctx.update_index)
+    sigma = draws.sigmas[index.to(draws.sigmas.device)]
+    eps = draws.sample_noise("nft-noise", ctx.step, ctx.sample_ids, ctx.draw_key)
     xt = _noised(ctx.x0, sigma, eps)
-    v_ref = tr.reference_velocity(xt, sigma, ctx.embeddings) if loss_cfg.kl_beta > 0 else None
+    v_ref = ctx.guided_reference_velocity(xt, sigma) if loss_cfg.kl_beta > 0 else None
     # Before the policy forward: swapping EMA weights in place would invalidate its autograd graph.
-    with torch.no_grad(), tr.rollout_ema.swapped_in():
-        v_old = tr.model.velocity(xt, sigma, ctx.embeddings).float()
-    v_theta = tr.model.velocity(xt, sigma, ctx.embeddings).float()
+    v_old = ctx.old_velocity(xt, sigma, ctx.embeddings).float()
+    v_theta = ctx.velocity(xt, sigma, ctx.embeddings).float()
     loss, metrics = diffusion_nft_loss(
         v_theta, v_old, xt.float(), ctx.x0.float(), sigma.float(), ctx.advantages, loss_cfg.nft_beta,
-        advantage_max=c.reward.advantage_clip, num_samples=tr.layout.samples_per_step,
+        advantage_max=ctx.reward.advantage_clip, num_samples=ctx.samples_per_step,
     )
     forwards = 4
     if v_ref is not None:
         kl = velocity_kl(v_theta, v_ref.float())
-        loss = loss + loss_cfg.kl_beta * kl.sum() / tr.layout.samples_per_step
+        loss = loss + loss_cfg.kl_beta * kl.sum() / ctx.samples_per_step
         metrics["kl"] = kl.mean().detach()
         forwards += 2 if loss_cfg.reference_guidance_scale != 1 else 1
-    tr.count_forwards(len(ctx.sample_ids) * forwards)
+    ctx.count_forwards(len(ctx.sample_ids) * forwards)
     return loss, {k: float(v) for k, v in metrics.items()}
 
 
-@register_algorithm("awm", passes=lambda c: c.loss.timesteps)
+def awm_checks(c) -> list[tuple[bool, str]]:
+    loss = c.loss
+    return [
+        (loss.timesteps <= loss.grid_points - 1, f"awm draws one timestep per stratum of the rollout grid points "
+         f"1..loss.grid_points-1 ({loss.grid_points - 1} points); loss.timesteps={loss.timesteps} is more"),
+        advantage_clip_check(c),
+    ]
+
+
+@register_algorithm("awm", passes=lambda c: c.loss.timesteps, checks=awm_checks,
+                    curves=(("matching_loss", "matching loss"), ("velocity_error", "velocity error")))
 def awm_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
     """Advantage Weighted Matching (arXiv 2509.25050): the flow-matching loss on the rollout samples, weighted by
     the advantage, plus a KL to the reference (``loss.kl_beta``) and to the rollout EMA (``loss.ema_kl_beta``).
@@ -290,36 +374,34 @@ def awm_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
     (``rollout.ema_after`` 0, ``rollout.ema_decay`` 0.3, ``rollout.ema_ramp`` 0.001). Conditional velocities only
     (the reference's train.cfg False).
     """
-    tr, c = ctx.trainer, ctx.trainer.config
-    loss_cfg = c.loss
-    keys = [("awm-timestep", c.run.seed, ctx.step, int(i), ctx.draw_key) for i in ctx.sample_ids]
-    index = stratified_grid_indices(keyed_uniform(keys), ctx.pass_index, loss_cfg.timesteps, loss_cfg.grid_points)
-    sigma = tr.rollout_sigmas()[index.to(tr.acc.device)]
-    eps = sample_noise(ctx, "awm-noise")
+    loss_cfg, draws = ctx.loss, ctx.draws
+    u = draws.sample_uniform("awm-timestep", ctx.step, ctx.sample_ids, ctx.draw_key)
+    index = stratified_grid_indices(u, ctx.pass_index, loss_cfg.timesteps, loss_cfg.grid_points)
+    sigma = draws.sigmas[index.to(draws.sigmas.device)]
+    eps = draws.sample_noise("awm-noise", ctx.step, ctx.sample_ids, ctx.draw_key)
     xt = _noised(ctx.x0, sigma, eps)
     target = eps - ctx.x0
-    v_ref = tr.reference_velocity(xt, sigma, ctx.embeddings) if loss_cfg.kl_beta > 0 else None
+    v_ref = ctx.guided_reference_velocity(xt, sigma) if loss_cfg.kl_beta > 0 else None
     v_ema = None
     if loss_cfg.ema_kl_beta > 0:
         # Before the policy forward: swapping EMA weights in place would invalidate its autograd graph.
-        with torch.no_grad(), tr.rollout_ema.swapped_in():
-            v_ema = tr.model.velocity(xt, sigma, ctx.embeddings).float()
-    v_theta = tr.model.velocity(xt, sigma, ctx.embeddings).float()
+        v_ema = ctx.old_velocity(xt, sigma, ctx.embeddings).float()
+    v_theta = ctx.velocity(xt, sigma, ctx.embeddings).float()
     err_theta = per_sample_mse(v_theta, target.float())
     loss, metrics = awm_loss(
-        ctx.advantages, err_theta, sigma.float(), advantage_max=c.reward.advantage_clip,
-        weighting=loss_cfg.awm_weighting, power=loss_cfg.awm_ghuber_power, num_samples=tr.layout.samples_per_step,
+        ctx.advantages, err_theta, sigma.float(), advantage_max=ctx.reward.advantage_clip,
+        weighting=loss_cfg.awm_weighting, power=loss_cfg.awm_ghuber_power, num_samples=ctx.samples_per_step,
     )
     forwards = 3
     if v_ref is not None:
         kl = velocity_kl(v_theta, v_ref.float())
-        loss = loss + loss_cfg.kl_beta * kl.sum() / tr.layout.samples_per_step
+        loss = loss + loss_cfg.kl_beta * kl.sum() / ctx.samples_per_step
         metrics["kl"] = kl.mean().detach()
         forwards += 2 if loss_cfg.reference_guidance_scale != 1 else 1
     if v_ema is not None:
         ema_kl = velocity_kl(v_theta, v_ema)
-        loss = loss + loss_cfg.ema_kl_beta * ema_kl.sum() / tr.layout.samples_per_step
+        loss = loss + loss_cfg.ema_kl_beta * ema_kl.sum() / ctx.samples_per_step
         metrics["ema_kl"] = ema_kl.mean().detach()
         forwards += 1
-    tr.count_forwards(len(ctx.sample_ids) * forwards)
+    ctx.count_forwards(len(ctx.sample_ids) * forwards)
     return loss, {k: float(v) for k, v in metrics.items()}

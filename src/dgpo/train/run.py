@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..evaluation import SamplerSettings, result_dict, save_grid, shapes_eval, velocity_drift  # noqa: E402
 from ..rewards import as_scores  # noqa: E402
 from ..shapes.prompts import CATEGORIES  # noqa: E402
+from .algorithms import get_algorithm  # noqa: E402
 from .config import Config  # noqa: E402
 from .loop import Trainer  # noqa: E402
 
@@ -36,9 +37,10 @@ LOWER_IS_BETTER = {"artifact"}
 def evaluate(trainer: Trainer, images_per_category: int, grid_path: Path | None = None) -> dict:
     """ShapesEval with the evaluation EMA of the policy (or the policy itself), plus the
     evaluation-only reward metrics (``eval.metrics``) on the same images."""
-    swap = trainer.eval_ema.swapped_in() if trainer.eval_ema is not None else contextlib.nullcontext()
+    policy = trainer.policy
+    swap = policy.eval_ema.swapped_in() if policy.eval_ema is not None else contextlib.nullcontext()
     with swap:
-        result, specs, images, verdicts = shapes_eval(trainer.model, eval_settings(trainer.config), images_per_category, return_images=True)
+        result, specs, images, verdicts = shapes_eval(policy.model, eval_settings(trainer.config), images_per_category, return_images=True)
         spread = torch.linspace(0, len(specs) - 1, min(DRIFT_IMAGES, len(specs))).round().long()
         drift = evaluation_drift(trainer, images[spread], [specs[i].prompt for i in spread.tolist()])
     if grid_path is not None:
@@ -55,15 +57,11 @@ def evaluate(trainer: Trainer, images_per_category: int, grid_path: Path | None 
 
 def evaluation_drift(trainer: Trainer, images: torch.Tensor, prompts: list[str]) -> float:
     """``velocity_drift`` of the evaluated policy against the reference model, on evaluation images and their prompts."""
-    model = trainer.model
-    latents = model.encode_images(images.to(model.device))
-    embeddings = model.encode_prompts(prompts)
-
-    def reference(x, sigma, embeddings):
-        with trainer.reference_model():
-            return model.velocity(x, sigma, embeddings)
-
-    return velocity_drift(model.velocity, reference, latents, embeddings, [("drift", i) for i in range(len(prompts))])
+    policy = trainer.policy
+    latents = policy.model.encode_images(images.to(policy.model.device))
+    embeddings = policy.model.encode_prompts(prompts)
+    keys = [("drift", i) for i in range(len(prompts))]
+    return velocity_drift(policy.velocity, policy.reference_velocity, latents, embeddings, keys)
 
 
 def guard_metric_value(evaluation: dict, name: str) -> float:
@@ -78,20 +76,18 @@ def guard_tripped(before: dict, now: dict, name: str, max_drop: float) -> bool:
 
 
 def apply_guard(trainer: Trainer, before: dict, now: dict, log) -> None:
+    """Stop the run or raise its KL weight (``trainer.state``, a ``RunState``) when the guard metric got worse."""
     e = trainer.config.eval
     if not e.guard_metric or not guard_tripped(before, now, e.guard_metric, e.guard_max_drop):
         return
     value = guard_metric_value(now, e.guard_metric)
     message = f"guard: {e.guard_metric} went from {guard_metric_value(before, e.guard_metric):.4g} to {value:.4g} at step {trainer.counters.step}"
     if e.guard_action == "stop":
-        trainer.guard_stopped = True
+        trainer.state.guard_stopped = True
         log(f"{message}; stopping the run")
     else:
-        loss = trainer.config.loss
-        # Doubling keeps the recipe's scale (its KL weight may be far below 0.01 in the reference code's units).
-        loss.kl_beta = 2 * loss.kl_beta if loss.kl_beta > 0 else 0.01
-        log(f"{message}; loss.kl_beta raised to {loss.kl_beta:g}")
-    now["guard"] = {"metric": e.guard_metric, "action": e.guard_action, "kl_beta": trainer.config.loss.kl_beta}
+        log(f"{message}; loss.kl_beta raised to {trainer.state.raise_kl():g}")
+    now["guard"] = {"metric": e.guard_metric, "action": e.guard_action, "kl_beta": trainer.state.kl_beta}
 
 
 def grid_selection(specs, images, verdicts: list[bool]) -> tuple[torch.Tensor, list[str], list[bool]]:
@@ -109,14 +105,15 @@ def grid_selection(specs, images, verdicts: list[bool]) -> tuple[torch.Tensor, l
     return torch.stack(chosen), labels, chosen_verdicts
 
 
-def plot_curves(history: list[dict], evals: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], evals: list[dict], path: Path, algorithm: str = "dgpo") -> None:
+    """Training reward, the algorithm's loss curves (as it registered them) and the ShapesEval scores."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     steps = [h["step"] for h in history]
     axes[0].plot(steps, [h["reward_mean"] for h in history])
     axes[0].set(title="training reward (mean over rollouts)", xlabel="step")
-    axes[1].plot(steps, [h.get("preference_loss", float("nan")) for h in history], label="preference loss")
-    axes[1].plot(steps, [h.get("implicit_accuracy", float("nan")) for h in history], label="implicit accuracy")
-    axes[1].set(title="DGPO loss", xlabel="step")
+    for key, label in get_algorithm(algorithm).curves:
+        axes[1].plot(steps, [h.get(key, float("nan")) for h in history], label=label)
+    axes[1].set(title=f"{algorithm} loss", xlabel="step")
     axes[1].legend()
     if evals:
         axes[2].plot([e["step"] for e in evals], [e["overall"] for e in evals], marker="o", label="overall")
@@ -193,7 +190,7 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
     def periodic(tr: Trainer, metrics: dict) -> None:
         if every and tr.counters.step % every == 0 and not tr.finished():
             run_eval(config.eval.images_per_category, f"step{tr.counters.step:05d}")
-            tr.share_guard_decision()
+            tr.share_run_state()
 
     status = trainer.train(resume=resume, on_step=periodic)
     summary = {"status": status, "steps": trainer.counters.step, "output_dir": str(out)}
@@ -203,7 +200,7 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
     if main:
         trainer.export_adapter(out / "adapter")
         before = next((e for e in evals if e["step"] == 0), None)
-        plot_curves(trainer.counters.history, evals, out / "curves.png")
+        plot_curves(trainer.counters.history, evals, out / "curves.png", config.loss.algorithm)
         summary.update(
             before=before,
             after=after,

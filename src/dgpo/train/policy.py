@@ -1,0 +1,119 @@
+"""The model being trained: its trainable parameters and their EMAs, the frozen reference, the cached prompt
+embeddings, and the velocities an algorithm trains with (policy, old policy, reference)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from ..models.base import FlowModelAdapter, PromptEmbeddings, cat_embeddings, index_embeddings
+from ..seeding import stable_seed
+from .config import Config, ModelConfig
+from .ema import ParameterEMA
+
+
+def attach_trainable(model, cfg: ModelConfig) -> list[tuple[str, torch.nn.Parameter]]:
+    """LoRA via peft on the transformer (rank > 0) or the whole transformer; returns named trainable params."""
+    transformer = model.transformer
+    transformer.requires_grad_(False)
+    if cfg.lora_rank > 0:
+        targets = cfg.lora_targets or model.lora_target_modules
+        transformer.add_adapter(
+            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, init_lora_weights="gaussian")
+        )
+        named = [(n, p) for n, p in transformer.named_parameters() if "lora_" in n]
+        for _, p in named:
+            p.requires_grad_(True)
+        return named
+    transformer.requires_grad_(True)
+    return list(transformer.named_parameters())
+
+
+class Policy:
+    """``model`` with trainable weights attached (LoRA, initialised from the run seed) and ``texts`` embedded and
+    cached (then the text encoders offloaded, with model.offload_text_encoders)."""
+
+    def __init__(self, model: FlowModelAdapter, config: Config, texts: list[str]):
+        m = config.model
+        self.model = model
+        self.embedding_cache: dict[str, PromptEmbeddings] = {}
+        self.embed(texts + [""])
+        if m.offload_text_encoders:
+            for encoder in model.text_encoders():
+                encoder.to("cpu")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stable_seed("adapter-init", config.run.seed))
+            self.trainable = attach_trainable(model, m)
+        if m.gradient_checkpointing:
+            model.transformer.enable_gradient_checkpointing()
+        self.lora = m.lora_rank > 0
+        self.reference_transformer = None if self.lora else copy.deepcopy(model.transformer).requires_grad_(False)
+        self.rollout_ema = ParameterEMA(self.trainable, config.rollout.ema_decay)
+        self.eval_ema = ParameterEMA(self.trainable, config.eval.ema_decay) if config.eval.ema_decay > 0 else None
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.trainable]
+
+    def embed(self, texts: list[str]) -> PromptEmbeddings:
+        """Embeddings of ``texts``, each encoded once per run (in chunks of 256) and cached."""
+        missing = sorted({t for t in texts if t not in self.embedding_cache})
+        for start in range(0, len(missing), 256):
+            chunk = missing[start : start + 256]
+            embeddings = self.model.encode_prompts(chunk)
+            for i, text in enumerate(chunk):
+                self.embedding_cache[text] = index_embeddings(embeddings, slice(i, i + 1))
+        return cat_embeddings([self.embedding_cache[t] for t in texts])
+
+    def empty(self, count: int) -> PromptEmbeddings:
+        """The empty prompt's embeddings, ``count`` times (the unconditional half of CFG)."""
+        return self.embed([""] * count)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference: the same transformer with LoRA disabled (no second copy), or the frozen copy."""
+        if self.reference_transformer is None:
+            self.model.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.model.transformer.enable_adapters()
+        else:
+            live, self.model.transformer = self.model.transformer, self.reference_transformer
+            try:
+                yield
+            finally:
+                self.model.transformer = live
+
+    # ----- the velocities an algorithm trains with: v(x, sigma, embeddings) -----------------------------------
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, embeddings: PromptEmbeddings) -> torch.Tensor:
+        """The policy's, with gradients."""
+        return self.model.velocity(x, sigma, embeddings)
+
+    def old_velocity(self, x: torch.Tensor, sigma: torch.Tensor, embeddings: PromptEmbeddings) -> torch.Tensor:
+        """The rollout EMA's (the old policy), without gradients. Call it before ``velocity``: it swaps the EMA
+        weights in place, which would invalidate the policy forward's autograd graph."""
+        with torch.no_grad(), self.rollout_ema.swapped_in():
+            return self.model.velocity(x, sigma, embeddings)
+
+    def reference_velocity(self, x: torch.Tensor, sigma: torch.Tensor, embeddings: PromptEmbeddings) -> torch.Tensor:
+        """The frozen reference's, without gradients."""
+        with torch.no_grad(), self.reference():
+            return self.model.velocity(x, sigma, embeddings)
+
+    def export(self, path: Path) -> None:
+        """LoRA in diffusers' format (``pipe.load_lora_weights`` / ``transformer.load_lora_adapter``), or the whole
+        transformer; with an evaluation EMA also its weights, beside it as ``<path>_ema``."""
+        self._export_weights(path)
+        if self.eval_ema is not None:
+            with self.eval_ema.swapped_in():
+                self._export_weights(path.with_name(path.name + "_ema"))
+
+    def _export_weights(self, path: Path) -> None:
+        if self.lora:
+            self.model.save_lora(path)
+        else:
+            self.model.transformer.save_pretrained(str(path))
