@@ -55,7 +55,10 @@ def cmd_train(args) -> int:
     if summary["status"] != 0:
         return summary["status"]
     if summary.get("before") and summary.get("after"):
-        print("\nShapesEval test set, before -> after\n")
+        from .evaluators import evaluator_of
+
+        cls = evaluator_of(summary["after"])
+        print(f"\n{cls.title if cls else 'evaluation'}, before -> after\n")
         print(comparison_table(summary["before"], summary["after"]))
         print(f"\nreport: {Path(summary['output_dir']) / 'report.md'}")
     return 0
@@ -72,42 +75,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def verifier_ground_truth(seed: int, renders_per_category: int = 200) -> dict[str, float]:
-    """Verifier pass rate on ground-truth renders of the test prompts, per category."""
-    import numpy as np
-
-    from .shapes.prompts import CATEGORIES, scene_for_spec, test_specs
-    from .shapes.verifier import verify
-    from .shapes.world import render_scene
-
-    rng = np.random.default_rng(seed)
-    rates = {}
-    for category in CATEGORIES:
-        specs = [s for s in test_specs() if s.category == category]
-        chosen = [specs[i % len(specs)] for i in range(renders_per_category)]
-        rates[category] = float(np.mean([verify(s, render_scene(scene_for_spec(s, rng))).passed for s in chosen]))
-    return rates
-
-
 def cmd_eval(args) -> int:
     import torch
 
-    from .evaluation import result_dict, save_grid, shapes_eval
-    from .train.run import grid_selection
+    from .evaluation import save_grid
+    from .evaluators import get_evaluator
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load_shapes_model(args)
     settings = _settings(args)
-    result, specs, images, verdicts = shapes_eval(model, settings, args.images_per_category, seed=args.seed, return_images=True)
-    print(result.table())
-    print(f"artifact {result.artifact:.4f}  diversity {result.diversity:.4f}  ({result.num_images} images)")
-    failures = failure_breakdown(specs, images)
-    print(failure_table(failures))
-    out = result_dict(result)
+    evaluator = get_evaluator(args.evaluator).from_config(None, model)
+    result = evaluator.evaluate(model, settings, args.images_per_category, seed=args.seed)
+    rows = [f"| {name} | {value:.3f} |" for name, value in result.scores.items()]
+    print("\n".join([f"| {evaluator.score_label} | score |", "|---|---|", *rows, f"| **overall** | **{result.overall:.3f}** |"]))
+    print("  ".join(f"{name} {value:.4f}" for name, value in result.out_of_domain.items()) + f"  ({result.num_images} images)")
+    extra, text = evaluator.diagnostics(result, seed=args.seed)
+    if text:
+        print(text)
+    out = result.to_dict()
     out.update(
-        failures=failures,
-        verifier_ground_truth=verifier_ground_truth(args.seed),
+        **extra,
         sampler=vars(settings),
         model=args.model,
         adapter=args.adapter,
@@ -117,28 +105,10 @@ def cmd_eval(args) -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.output}")
-    if args.grid:
-        grid_images, labels, grid_verdicts = grid_selection(specs, images, verdicts)
-        save_grid(grid_images, labels, args.grid, passed=grid_verdicts)
+    if args.grid and result.grid is not None:
+        save_grid(result.grid.images, result.grid.labels, args.grid, passed=result.grid.passed)
         print(f"wrote {args.grid}")
     return 0
-
-
-def failure_breakdown(specs, images) -> dict[str, dict[str, float]]:
-    """Per category, the share of its images that pass and that fail for each reason (drawing vs following the words)."""
-    from .shapes.prompts import CATEGORIES
-    from .shapes.verifier import FAILURE_KINDS, failure_kind
-
-    kinds = {c: [] for c in CATEGORIES}
-    for spec, image in zip(specs, images):
-        kinds[spec.category].append(failure_kind(spec, image) or "pass")
-    return {c: {k: kinds[c].count(k) / len(kinds[c]) for k in ("pass", *FAILURE_KINDS)} for c in CATEGORIES if kinds[c]}
-
-
-def failure_table(failures: dict[str, dict[str, float]]) -> str:
-    kinds = list(next(iter(failures.values())))
-    rows = [f"| {c} | " + " | ".join(f"{shares[k]:.2f}" for k in kinds) + " |" for c, shares in failures.items()]
-    return "\n".join(["| category | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|", *rows])
 
 
 def cmd_sample(args) -> int:
@@ -262,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--grid", help="write an image grid PNG here")
+    p.add_argument("--evaluator", default="shapes", help="registered evaluator (dgpo.evaluators; default: shapes)")
     _add_sampler_args(p)
     _add_import_arg(p)
     p.set_defaults(fn=cmd_eval)

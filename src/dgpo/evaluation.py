@@ -1,13 +1,13 @@
-"""Generation and ShapesEval scoring shared by `dgpo eval`, periodic evaluation in training, and benchmarks."""
+"""Deterministic generation, velocity drift and grids shared by `dgpo eval`, evaluators, periodic evaluation in training
+and benchmarks. ShapesEval's scoring lives in ``dgpo.shapes.evaluator`` (``shapes_eval`` here is an alias)."""
 from __future__ import annotations
 
 import math
 import textwrap
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -15,9 +15,6 @@ from .models.base import FlowModelAdapter, PromptEmbeddings, cat_embeddings
 from .rollout import SamplerSettings, sample
 from .sampling import sampler_check
 from .seeding import keyed_randn
-from .shapes.metrics import artifact_score, group_diversity
-from .shapes.prompts import CATEGORIES, PromptSpec, test_set
-from .shapes.verifier import verify
 
 
 @torch.no_grad()
@@ -71,57 +68,6 @@ def velocity_drift(
     return policy_norm / reference_norm
 
 
-@dataclass
-class ShapesEvalResult:
-    overall: float
-    categories: dict[str, float]
-    artifact: float
-    diversity: float
-    num_images: int
-
-    def table(self) -> str:
-        rows = [f"| {c} | {self.categories[c]:.3f} |" for c in CATEGORIES]
-        return "\n".join(["| category | score |", "|---|---|", *rows, f"| **overall** | **{self.overall:.3f}** |"])
-
-
-def shapes_eval(
-    model: FlowModelAdapter,
-    settings: SamplerSettings,
-    images_per_category: int = 96,
-    seed: int = 0,
-    batch_size: int = 256,
-    return_images: bool = False,
-):
-    """GenEval protocol on the ShapesEval test set: per-image pass/fail, task = pass rate, overall = mean of tasks.
-
-    With ``return_images`` also returns the specs, the images and each image's verdict (pass/fail).
-    """
-    plan = test_set(images_per_category)
-    specs: list[PromptSpec] = []
-    keys, group_ids = [], []
-    for prompt_index, (spec, count) in enumerate(plan):
-        for k in range(count):
-            specs.append(spec)
-            keys.append(("eval", seed, prompt_index, k))
-            group_ids.append(prompt_index)
-    images = generate(model, [s.prompt for s in specs], keys, settings, batch_size)
-    verdicts = [verify(spec, image).passed for spec, image in zip(specs, images)]
-    passed: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
-    for spec, verdict in zip(specs, verdicts):
-        passed[spec.category].append(verdict)
-    categories = {c: float(np.mean(passed[c])) for c in CATEGORIES}
-    result = ShapesEvalResult(
-        overall=float(np.mean(list(categories.values()))),
-        categories=categories,
-        artifact=float(np.mean(artifact_score(images))),
-        diversity=float(group_diversity(images, np.asarray(group_ids))),
-        num_images=len(specs),
-    )
-    if return_images:
-        return result, specs, images, verdicts
-    return result
-
-
 def save_grid(
     images: torch.Tensor,
     labels: list[str],
@@ -157,5 +103,15 @@ def save_grid(
     sheet.save(path)
 
 
-def result_dict(result: ShapesEvalResult) -> dict:
-    return asdict(result)
+def result_dict(result) -> dict:
+    """The JSON form of an evaluation result (an ``EvalResult`` or a dataclass such as ``ShapesEvalResult``)."""
+    return result.to_dict() if hasattr(result, "to_dict") else asdict(result)
+
+
+def __getattr__(name: str):
+    """``shapes_eval`` and ``ShapesEvalResult``: aliases of ``dgpo.shapes.evaluator``'s, imported on first use."""
+    if name in ("shapes_eval", "ShapesEvalResult"):
+        import importlib
+
+        return getattr(importlib.import_module("dgpo.shapes.evaluator"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

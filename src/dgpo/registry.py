@@ -1,16 +1,40 @@
-"""Name -> object registries (models, algorithms, rewards) with did-you-mean errors."""
+"""Name -> object registries (models, algorithms, rewards, evaluators, prompt sources) with did-you-mean errors.
+
+A registry made with ``plugins=True`` imports the modules in :data:`PLUGINS` on its first lookup: the
+hook through which packages such as ShapesEval (``dgpo.shapes``) register their evaluator and prompt
+sources without the general code importing them.
+"""
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
+PLUGINS: tuple[str, ...] = ("dgpo.shapes.plugin",)
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the plugin modules (once); each registers what it offers."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for module in PLUGINS:
+        importlib.import_module(module)
+
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, plugins: bool = False):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._plugins = plugins
+
+    def _load(self) -> None:
+        if self._plugins:
+            load_plugins()
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
@@ -22,6 +46,7 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        self._load()
         if name not in self._items:
             hint = difflib.get_close_matches(name, self._items, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -29,9 +54,11 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        self._load()
         return name in self._items
 
     def unregister(self, name: str) -> None:

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
-from ..shapes.prompts import CATEGORIES  # noqa: E402
+from ..evaluators import out_of_domain_of, scores_of  # noqa: E402
 from .config import load_config  # noqa: E402
 from .run import run_training  # noqa: E402
 
@@ -82,7 +82,11 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     return json.loads((run_dir / "evals.json").read_text())
 
 
+LOWER_IS_BETTER_DIGITS = {"artifact"}  # ShapesEval's artifact score is small: one more decimal in curves.csv
+
+
 def curve_rows(name: str, evals: list[dict], seed: int = 0) -> list[dict]:
+    """One CSV row per evaluation: cost so far, overall, the evaluator's scores and out-of-domain metrics."""
     rows = []
     for e in sorted(evals, key=lambda e: e["step"]):
         row = {
@@ -93,8 +97,9 @@ def curve_rows(name: str, evals: list[dict], seed: int = 0) -> list[dict]:
             "forward_equivalents": int(e.get("forward_equivalents", 0)),
             "overall": round(e["overall"], 4),
         }
-        row.update({c: round(e["categories"][c], 4) for c in CATEGORIES})
-        row.update(artifact=round(e["artifact"], 5), diversity=round(e["diversity"], 4), velocity_drift=round(e.get("velocity_drift", float("nan")), 4))
+        row.update({c: round(v, 4) for c, v in scores_of(e).items()})
+        row.update({name: round(v, 5 if name in LOWER_IS_BETTER_DIGITS else 4) for name, v in out_of_domain_of(e).items()})
+        row.update(velocity_drift=round(e.get("velocity_drift", float("nan")), 4))
         rows.append(row)
     return rows
 
@@ -229,7 +234,7 @@ def plot_comparison(summary: dict, path: Path) -> None:
             (line,) = ax.plot(x, mean, marker="o", label=f"{name} ({len(entry['seeds'])} seeds)")
             ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2)
     for ax, xlabel in zip(axes, ("training seconds (this CPU)", "model forward-equivalents", "optimizer steps")):
-        ax.set(xlabel=xlabel, ylabel="ShapesEval overall (mean +- se)", title=f"score vs {xlabel.split(' (')[0]}")
+        ax.set(xlabel=xlabel, ylabel="evaluation overall (mean +- se)", title=f"score vs {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ..evaluators import EVALUATORS, NONE, resolve_evaluator
 from ..sampling import SAMPLER_REGISTRY, sampler_check
 from .algorithms import ADVANTAGES, ALGORITHMS
 from .optim import OPTIMIZERS
@@ -35,6 +36,12 @@ from .sections import (
 
 class ConfigError(ValueError):
     """A configuration problem, stated in one line."""
+
+
+def evaluator_metrics(evaluator: str, backend: str) -> tuple[str, ...]:
+    """The out-of-domain metrics the run's evaluator reports (what eval.guard_metric may watch besides eval.metrics)."""
+    name, _ = resolve_evaluator(evaluator, backend)
+    return () if name == NONE else tuple(EVALUATORS.get(name).out_of_domain)
 
 
 @dataclass
@@ -58,6 +65,11 @@ class Config(Freezable):
                     registry.get(name)
                 except ValueError as exc:
                     raise ConfigError(f"{field_name}: {exc}") from None
+        if e.evaluator not in ("", NONE):
+            try:
+                EVALUATORS.get(e.evaluator)
+            except ValueError as exc:
+                raise ConfigError(f"eval.evaluator: {exc} (or none)") from None
         algorithm = ALGORITHMS.get(loss.algorithm)
         rollout_sampler = sampler_check("rollout.sampler", r.sampler)
         eval_sampler = sampler_check("eval.sampler", e.sampler, deterministic=True)
@@ -123,8 +135,9 @@ class Config(Freezable):
             (e.every >= 0, f"eval.every must be >= 0, got {e.every}"),
             (e.guard_action in ("stop", "raise_kl"), f"eval.guard_action must be stop or raise_kl, got {e.guard_action!r}"),
             (e.guard_max_drop > 0, f"eval.guard_max_drop must be > 0, got {e.guard_max_drop}"),
-            (e.guard_metric in ("", "artifact", "diversity", *e.metrics),
-             f"eval.guard_metric {e.guard_metric!r} must be artifact, diversity or one of eval.metrics {e.metrics}"),
+            (e.guard_metric in ("", *evaluator_metrics(e.evaluator, self.model.backend), *e.metrics),
+             f"eval.guard_metric {e.guard_metric!r} must be one of the evaluator's metrics "
+             f"{list(evaluator_metrics(e.evaluator, self.model.backend))} or of eval.metrics {e.metrics}"),
             (e.num_steps >= 1, f"eval.num_steps must be >= 1, got {e.num_steps}"),
             (e.images_per_category >= 1, f"eval.images_per_category must be >= 1, got {e.images_per_category}"),
             (e.final_images_per_category >= 1, f"eval.final_images_per_category must be >= 1, got {e.final_images_per_category}"),

@@ -9,13 +9,14 @@ cross-process group sum of one micro-step completes every group in it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..registry import Registry
 from ..seeding import stable_seed
-from ..shapes.prompts import test_specs, train_specs
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,14 @@ def balance_categories(prompts: list[Prompt]) -> list[Prompt]:
     return [group[i % len(group)] for group in by_category.values() for i in range(size)]
 
 
+PROMPT_SOURCES: Registry[Callable[[], list[Prompt]]] = Registry("prompt source", plugins=True)
+
+
+def register_prompt_source(name: str):
+    """Register a named prompt set (e.g. ``shapes:train``): a callable returning its prompts."""
+    return PROMPT_SOURCES.register(name)
+
+
 class PromptSource:
     def __init__(self, prompts: list[Prompt], name: str):
         if not prompts:
@@ -45,14 +54,13 @@ class PromptSource:
 
     @classmethod
     def load(cls, spec: str) -> "PromptSource":
-        """'shapes:train', 'shapes:test', a .txt file (one prompt per line) or a .jsonl file of {prompt, metadata}."""
-        if spec in ("shapes:train", "shapes:test"):
-            specs = train_specs() if spec == "shapes:train" else test_specs()
-            prompts = [Prompt(s.prompt, s.to_metadata()) for s in specs]
-            return cls(balance_categories(prompts) if spec == "shapes:train" else prompts, spec)
+        """A registered prompt source ('shapes:train', 'shapes:test'), a .txt file (one prompt per line)
+        or a .jsonl file of {prompt, metadata}."""
+        if spec in PROMPT_SOURCES:
+            return cls(PROMPT_SOURCES.get(spec)(), spec)
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {spec} (or use shapes:train / shapes:test)")
+            raise FileNotFoundError(f"prompt file not found: {spec} (or use a registered prompt source: {' / '.join(PROMPT_SOURCES.names())})")
         prompts = []
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():

@@ -14,16 +14,14 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..evaluation import SamplerSettings, result_dict, save_grid, shapes_eval, velocity_drift  # noqa: E402
+from ..evaluation import SamplerSettings, save_grid, velocity_drift  # noqa: E402
+from ..evaluators import NONE, EvalResult, Evaluator, evaluator_of, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
 from ..rewards import as_scores  # noqa: E402
-from ..shapes.prompts import CATEGORIES  # noqa: E402
 from .algorithms import get_algorithm  # noqa: E402
 from .config import Config  # noqa: E402
 from .loop import Trainer  # noqa: E402
 
 DRIFT_IMAGES = 64
-GRID_PROMPTS_PER_CATEGORY = 2
-GRID_IMAGES_PER_PROMPT = 4
 
 
 def eval_settings(config: Config) -> SamplerSettings:
@@ -31,26 +29,35 @@ def eval_settings(config: Config) -> SamplerSettings:
     return SamplerSettings(e.sampler, e.num_steps, e.shift, e.guidance_scale)
 
 
-LOWER_IS_BETTER = {"artifact"}
+LOWER_IS_BETTER = frozenset({"artifact"})
 
 
-def evaluate(trainer: Trainer, images_per_category: int, grid_path: Path | None = None) -> dict:
-    """ShapesEval with the evaluation EMA of the policy (or the policy itself), plus the
-    evaluation-only reward metrics (``eval.metrics``) on the same images."""
+def build_evaluator(trainer: Trainer, log=print) -> Evaluator | None:
+    """The run's evaluator (``eval.evaluator``, or the default for ``model.backend``); None, with a log line saying why, when off."""
+    config = trainer.config
+    name, why = resolve_evaluator(config.eval.evaluator, config.model.backend)
+    if name == NONE:
+        log(f"evaluation is off: {why} (set eval.evaluator to one of the registered evaluators to evaluate)")
+        return None
+    return get_evaluator(name).from_config(config, trainer.policy.model)
+
+
+def evaluate(trainer: Trainer, evaluator: Evaluator, images_per_category: int, grid_path: Path | None = None) -> dict:
+    """The evaluator's scores for the evaluation EMA of the policy (or the policy itself), plus velocity drift
+    and the evaluation-only reward metrics (``eval.metrics``) on the same images."""
     policy = trainer.policy
     swap = policy.eval_ema.swapped_in() if policy.eval_ema is not None else contextlib.nullcontext()
     with swap:
-        result, specs, images, verdicts = shapes_eval(policy.model, eval_settings(trainer.config), images_per_category, return_images=True)
-        spread = torch.linspace(0, len(specs) - 1, min(DRIFT_IMAGES, len(specs))).round().long()
-        drift = evaluation_drift(trainer, images[spread], [specs[i].prompt for i in spread.tolist()])
-    if grid_path is not None:
-        grid_images, labels, grid_verdicts = grid_selection(specs, images, verdicts)
-        save_grid(grid_images, labels, grid_path, passed=grid_verdicts)
-    out = result_dict(result)
+        result: EvalResult = evaluator.evaluate(policy.model, eval_settings(trainer.config), images_per_category, seed=0)
+        images, texts = result.images, result.prompts
+        spread = torch.linspace(0, len(texts) - 1, min(DRIFT_IMAGES, len(texts))).round().long()
+        drift = evaluation_drift(trainer, images[spread], [texts[i] for i in spread.tolist()])
+    if grid_path is not None and result.grid is not None:
+        save_grid(result.grid.images, result.grid.labels, grid_path, passed=result.grid.passed)
+    out = {"evaluator": evaluator.name, **result.to_dict()}
     out["velocity_drift"] = drift
-    texts, metadata = [s.prompt for s in specs], [s.to_metadata() for s in specs]
     for name, reward in trainer.eval_rewards.items():
-        scores = as_scores(reward(images, texts, metadata), len(texts), name)
+        scores = as_scores(reward(images, texts, result.metadata), len(texts), name)
         out.setdefault("metrics", {})[name] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
     return out
 
@@ -65,20 +72,27 @@ def evaluation_drift(trainer: Trainer, images: torch.Tensor, prompts: list[str])
 
 
 def guard_metric_value(evaluation: dict, name: str) -> float:
-    return evaluation[name] if name in ("artifact", "diversity") else evaluation["metrics"][name]
+    """An ``eval.metrics`` reward's mean, or an out-of-domain metric of the evaluator (a top-level key)."""
+    metrics = evaluation.get("metrics", {})
+    return metrics[name] if name in metrics else evaluation[name]
 
 
-def guard_tripped(before: dict, now: dict, name: str, max_drop: float) -> bool:
+def guard_tripped(before: dict, now: dict, name: str, max_drop: float, lower_is_better: frozenset[str] = LOWER_IS_BETTER) -> bool:
     """True when metric ``name`` is worse than at step 0 by more than ``max_drop`` of its step-0 value."""
     start, current = guard_metric_value(before, name), guard_metric_value(now, name)
-    worsening = (current - start) if name in LOWER_IS_BETTER else (start - current)
+    lower = name in lower_is_better and name not in now.get("metrics", {})
+    worsening = (current - start) if lower else (start - current)
     return worsening > max_drop * abs(start)
 
 
-def apply_guard(trainer: Trainer, before: dict, now: dict, log) -> None:
-    """Stop the run or raise its KL weight (``trainer.state``, a ``RunState``) when the guard metric got worse."""
+def apply_guard(trainer: Trainer, before: dict, now: dict, log, lower_is_better: frozenset[str] | None = None) -> None:
+    """Stop the run or raise its KL weight (``trainer.state``, a ``RunState``) when the guard metric got worse.
+    ``lower_is_better``: the evaluator's metrics where lower is better (default: that of the evaluator that wrote ``now``)."""
     e = trainer.config.eval
-    if not e.guard_metric or not guard_tripped(before, now, e.guard_metric, e.guard_max_drop):
+    if lower_is_better is None:
+        cls = evaluator_of(now)
+        lower_is_better = cls.lower_is_better if cls is not None else LOWER_IS_BETTER
+    if not e.guard_metric or not guard_tripped(before, now, e.guard_metric, e.guard_max_drop, lower_is_better):
         return
     value = guard_metric_value(now, e.guard_metric)
     message = f"guard: {e.guard_metric} went from {guard_metric_value(before, e.guard_metric):.4g} to {value:.4g} at step {trainer.counters.step}"
@@ -90,23 +104,8 @@ def apply_guard(trainer: Trainer, before: dict, now: dict, log) -> None:
     now["guard"] = {"metric": e.guard_metric, "action": e.guard_action, "kl_beta": trainer.state.kl_beta}
 
 
-def grid_selection(specs, images, verdicts: list[bool]) -> tuple[torch.Tensor, list[str], list[bool]]:
-    """A few images for the first prompts of each category, in category order, with their verdicts."""
-    chosen, labels, chosen_verdicts, seen = [], [], [], {}
-    for spec, image, verdict in zip(specs, images, verdicts):
-        prompts = seen.setdefault(spec.category, {})
-        if spec.prompt not in prompts and len(prompts) >= GRID_PROMPTS_PER_CATEGORY:
-            continue
-        prompts[spec.prompt] = prompts.get(spec.prompt, 0) + 1
-        if prompts[spec.prompt] <= GRID_IMAGES_PER_PROMPT:
-            chosen.append(image)
-            labels.append(spec.prompt.replace("a photo of ", ""))
-            chosen_verdicts.append(verdict)
-    return torch.stack(chosen), labels, chosen_verdicts
-
-
 def plot_curves(history: list[dict], evals: list[dict], path: Path, algorithm: str = "dgpo") -> None:
-    """Training reward, the algorithm's loss curves (as it registered them) and the ShapesEval scores."""
+    """Training reward, the algorithm's loss curves (as it registered them) and the evaluator's scores."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     steps = [h["step"] for h in history]
     axes[0].plot(steps, [h["reward_mean"] for h in history])
@@ -117,9 +116,10 @@ def plot_curves(history: list[dict], evals: list[dict], path: Path, algorithm: s
     axes[1].legend()
     if evals:
         axes[2].plot([e["step"] for e in evals], [e["overall"] for e in evals], marker="o", label="overall")
-        for c in CATEGORIES:
-            axes[2].plot([e["step"] for e in evals], [e["categories"][c] for e in evals], alpha=0.5, label=c)
-        axes[2].set(title="ShapesEval test score", xlabel="step", ylim=(0, 1))
+        for c in scores_of(evals[0]):
+            axes[2].plot([e["step"] for e in evals], [scores_of(e).get(c, float("nan")) for e in evals], alpha=0.5, label=c)
+        cls = evaluator_of(evals[0])
+        axes[2].set(title=f"{cls.title if cls else 'evaluation'} score", xlabel="step", ylim=(0, 1))
         axes[2].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -127,12 +127,18 @@ def plot_curves(history: list[dict], evals: list[dict], path: Path, algorithm: s
 
 
 def comparison_table(before: dict, after: dict) -> str:
-    rows = ["| category | before | after |", "|---|---|---|"]
-    for c in CATEGORIES:
-        rows.append(f"| {c} | {before['categories'][c]:.3f} | {after['categories'][c]:.3f} |")
+    """Markdown table of two evaluations (evals.json entries): scores, overall, out-of-domain metrics."""
+    cls = evaluator_of(after)
+    label = cls.score_label if cls is not None else "set"
+    labels = cls.out_of_domain if cls is not None else {}
+    rows = [f"| {label} | before | after |", "|---|---|---|"]
+    after_scores = scores_of(after)
+    for c, value in scores_of(before).items():
+        rows.append(f"| {c} | {value:.3f} | {after_scores.get(c, float('nan')):.3f} |")
     rows.append(f"| **overall** | **{before['overall']:.3f}** | **{after['overall']:.3f}** |")
-    rows.append(f"| artifact (lower is better) | {before['artifact']:.4f} | {after['artifact']:.4f} |")
-    rows.append(f"| diversity within prompt | {before['diversity']:.4f} | {after['diversity']:.4f} |")
+    after_ood = out_of_domain_of(after)
+    for name, value in out_of_domain_of(before).items():
+        rows.append(f"| {labels.get(name, name)} | {value:.4f} | {after_ood.get(name, float('nan')):.4f} |")
     return "\n".join(rows)
 
 
@@ -160,16 +166,16 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
         shutil.rmtree(out, ignore_errors=True)
     trainer.acc.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
-    is_shapes = config.model.backend == "shapes"
+    evaluator = build_evaluator(trainer, log) if trainer.acc.is_main_process else None
     evals_path = out / "evals.json"
     evals: list[dict] = json.loads(evals_path.read_text()) if resume and evals_path.exists() else []
     main = trainer.acc.is_main_process
 
     def run_eval(images_per_category: int, tag: str) -> dict | None:
-        if not (is_shapes and main):
+        if evaluator is None:
             return None
         start = time.perf_counter()
-        result = evaluate(trainer, images_per_category, out / f"grid_{tag}.png")
+        result = evaluate(trainer, evaluator, images_per_category, out / f"grid_{tag}.png")
         c = trainer.counters
         result.update(
             step=c.step, training_seconds=c.elapsed_seconds, forward_equivalents=c.forward_equivalents,
@@ -177,10 +183,10 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
         )
         before = next((e for e in evals if e["step"] == 0), None)
         if before is not None:
-            apply_guard(trainer, before, result, log)
+            apply_guard(trainer, before, result, log, evaluator.lower_is_better)
         evals.append(result)
         evals_path.write_text(json.dumps(evals, indent=1))
-        log(f"ShapesEval at step {trainer.counters.step}: overall {result['overall']:.3f}")
+        log(f"{evaluator.title.split(' (')[0]} at step {trainer.counters.step}: overall {result['overall']:.3f}")
         return result
 
     if not any(e["step"] == 0 for e in evals):
@@ -224,7 +230,8 @@ def write_report(out: Path, config: Config, summary: dict) -> None:
         "",
     ]
     if summary.get("before") and summary.get("after"):
-        lines += ["## ShapesEval (test prompts)", "", comparison_table(summary["before"], summary["after"]), ""]
+        cls = evaluator_of(summary["after"])
+        lines += [f"## {cls.title if cls else 'Evaluation'}", "", comparison_table(summary["before"], summary["after"]), ""]
     lines += [
         "## Curves",
         "",

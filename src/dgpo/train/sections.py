@@ -134,6 +134,9 @@ class OptimConfig(Freezable):
 
 @dataclass
 class EvalConfig(Freezable):
+    evaluator: str = _help("registered evaluator run before, during (eval.every) and after training (dgpo.evaluators.EVALUATORS); "
+                           "empty = the default for model.backend (shapes for the shapes backend, none otherwise), none = no evaluation",
+                           default="")
     every: int = _help("evaluate on the test prompts every N steps (0 = only before and after)", default=0)
     images_per_category: int = _help("test images per category for periodic evaluation", default=96)
     final_images_per_category: int = _help("test images per category for the before/after evaluation", default=96)
@@ -143,7 +146,7 @@ class EvalConfig(Freezable):
     ema_every: int = _help("update the evaluation EMA after every N-th optimizer step (when (n + 1) % N == 0; reference code 8)", default=1)
     metrics: list[str] = _help("registered rewards scored on the evaluation images as evaluation-only metrics (never trained on)", default_factory=list)
     guard_metric: str = _help("reward-hacking guard: an out-of-domain metric watched at each evaluation "
-                              "(artifact, diversity, or a name in eval.metrics; empty = off)", default="")
+                              "(one the evaluator reports, e.g. ShapesEval's artifact or diversity, or a name in eval.metrics; empty = off)", default="")
     guard_max_drop: float = _help("guard trips when the metric is worse than at step 0 by more than this fraction of its step-0 value", default=0.1)
     guard_action: str = _help("when the guard trips: stop (end the run, evaluated and reported) or raise_kl (double the KL weight "
                               "loss.kl_beta; 0.01 when it is 0)", default="stop")
