@@ -70,4 +70,5 @@ def combine_rewards(scores: dict[str, np.ndarray], weights: dict[str, float]) ->
     return np.where(applicable.any(axis=0), total, np.nan)
 
 
+from ..shapes import rewards as _shapes_rewards  # noqa: E402,F401  (and ShapesEval's)
 from . import builtin, clip, geneval, ocr, remote  # noqa: E402,F401  (register the built-in rewards)
