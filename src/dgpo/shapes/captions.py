@@ -15,10 +15,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .prompts import NUMBER_WORDS, noun_phrase
 from .world import COLORS, PLURALS, RELATION_RENDER_MARGIN, RELATIONS, SceneObject, relation_holds
 
 OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,6 @@ EXACT_CAPTIONS = CaptionModel(
 """Captions that state everything and never err (for tests, and to measure what looseness costs)."""
 
 
-def _article(phrase: str) -> str:
-    return "an" if phrase[0] in "aeiou" else "a"
-
-
-def _noun(shape: str, color: str | None) -> str:
-    phrase = f"{color} {shape}" if color else shape
-    return f"{_article(phrase)} {phrase}"
-
-
 def _chance(rng: np.random.Generator, p: float) -> bool:
     return bool(rng.random() < p)
 
@@ -111,7 +102,7 @@ def caption_scene(objects: list[SceneObject], model: CaptionModel, rng: np.rando
         if not _chance(rng, model.name_second_object):
             objects = objects[:1]
     colors = _colors(objects, model, rng)
-    nouns = [_noun(o.shape, c) for o, c in zip(objects, colors)]
+    nouns = [noun_phrase(o.shape, c) for o, c in zip(objects, colors)]
     if len(objects) == 1:
         return f"a photo of {nouns[0]}"
     holding = [r for r in RELATIONS if relation_holds(r, objects[0].center, objects[1].center, RELATION_RENDER_MARGIN)]

@@ -60,7 +60,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _noun(shape: str, color: str | None = None) -> str:
+def noun_phrase(shape: str, color: str | None = None) -> str:
+    """'a circle', 'an ... ', 'a red square': the grammar's noun phrase."""
     phrase = f"{color} {shape}" if color else shape
     return f"{_article(phrase)} {phrase}"
 
@@ -68,10 +69,10 @@ def _noun(shape: str, color: str | None = None) -> str:
 def all_specs(category: str) -> list[PromptSpec]:
     """Every prompt of one category, in a fixed order."""
     if category == "single_object":
-        return [PromptSpec(category, f"a photo of {_noun(s)}", (ObjectClause(s),)) for s in SHAPES]
+        return [PromptSpec(category, f"a photo of {noun_phrase(s)}", (ObjectClause(s),)) for s in SHAPES]
     if category == "two_object":
         return [
-            PromptSpec(category, f"a photo of {_noun(a)} and {_noun(b)}", (ObjectClause(a), ObjectClause(b)))
+            PromptSpec(category, f"a photo of {noun_phrase(a)} and {noun_phrase(b)}", (ObjectClause(a), ObjectClause(b)))
             for a, b in itertools.permutations(SHAPES, 2)
         ]
     if category == "counting":
@@ -81,16 +82,16 @@ def all_specs(category: str) -> list[PromptSpec]:
             for n in NUMBER_WORDS
         ]
     if category == "colors":
-        return [PromptSpec(category, f"a photo of {_noun(s, c)}", (ObjectClause(s, c),)) for s in SHAPES for c in COLORS]
+        return [PromptSpec(category, f"a photo of {noun_phrase(s, c)}", (ObjectClause(s, c),)) for s in SHAPES for c in COLORS]
     if category == "position":
         return [
-            PromptSpec(category, f"a photo of {_noun(a)} {rel} {_noun(b)}", (ObjectClause(a), ObjectClause(b)), rel)
+            PromptSpec(category, f"a photo of {noun_phrase(a)} {rel} {noun_phrase(b)}", (ObjectClause(a), ObjectClause(b)), rel)
             for a, b in itertools.permutations(SHAPES, 2)
             for rel in RELATIONS
         ]
     if category == "color_attr":
         return [
-            PromptSpec(category, f"a photo of {_noun(a, ca)} and {_noun(b, cb)}", (ObjectClause(a, ca), ObjectClause(b, cb)))
+            PromptSpec(category, f"a photo of {noun_phrase(a, ca)} and {noun_phrase(b, cb)}", (ObjectClause(a, ca), ObjectClause(b, cb)))
             for a, b in itertools.permutations(SHAPES, 2)
             for ca, cb in itertools.permutations(COLORS, 2)
         ]

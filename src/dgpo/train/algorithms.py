@@ -319,6 +319,16 @@ def diffusion_nft_checks(c) -> list[tuple[bool, str]]:
     ]
 
 
+def add_reference_kl(loss: torch.Tensor, metrics: dict, v_theta: torch.Tensor, v_ref: torch.Tensor | None, ctx: UpdateContext) -> tuple[torch.Tensor, int]:
+    """``loss`` plus loss.kl_beta x the per-sample mean (v_theta - v_ref)^2 summed over the step's samples (the log-prob-free
+    methods' KL, in their reference codes' form), logged as ``kl``; also the reference forwards it cost per sample."""
+    if v_ref is None:
+        return loss, 0
+    kl = velocity_kl(v_theta, v_ref.float())
+    metrics["kl"] = kl.mean().detach()
+    return loss + ctx.loss.kl_beta * kl.sum() / ctx.samples_per_step, 2 if ctx.loss.reference_guidance_scale != 1 else 1
+
+
 @register_algorithm("diffusionnft", passes=lambda c: c.loss.timesteps, checks=diffusion_nft_checks,
                     curves=(("positive_loss", "positive loss"), ("negative_loss", "negative loss"), ("old_deviation", "deviation from the old policy")))
 def diffusion_nft_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
@@ -343,13 +353,8 @@ def diffusion_nft_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, fl
         v_theta, v_old, xt.float(), ctx.x0.float(), sigma.float(), ctx.advantages, loss_cfg.nft_beta,
         advantage_max=ctx.reward.advantage_clip, num_samples=ctx.samples_per_step,
     )
-    forwards = 4
-    if v_ref is not None:
-        kl = velocity_kl(v_theta, v_ref.float())
-        loss = loss + loss_cfg.kl_beta * kl.sum() / ctx.samples_per_step
-        metrics["kl"] = kl.mean().detach()
-        forwards += 2 if loss_cfg.reference_guidance_scale != 1 else 1
-    ctx.count_forwards(len(ctx.sample_ids) * forwards)
+    loss, ref_forwards = add_reference_kl(loss, metrics, v_theta, v_ref, ctx)
+    ctx.count_forwards(len(ctx.sample_ids) * (4 + ref_forwards))
     return loss, {k: float(v) for k, v in metrics.items()}
 
 
@@ -392,12 +397,8 @@ def awm_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
         ctx.advantages, err_theta, sigma.float(), advantage_max=ctx.reward.advantage_clip,
         weighting=loss_cfg.awm_weighting, power=loss_cfg.awm_ghuber_power, num_samples=ctx.samples_per_step,
     )
-    forwards = 3
-    if v_ref is not None:
-        kl = velocity_kl(v_theta, v_ref.float())
-        loss = loss + loss_cfg.kl_beta * kl.sum() / ctx.samples_per_step
-        metrics["kl"] = kl.mean().detach()
-        forwards += 2 if loss_cfg.reference_guidance_scale != 1 else 1
+    loss, ref_forwards = add_reference_kl(loss, metrics, v_theta, v_ref, ctx)
+    forwards = 3 + ref_forwards
     if v_ema is not None:
         ema_kl = velocity_kl(v_theta, v_ema)
         loss = loss + loss_cfg.ema_kl_beta * ema_kl.sum() / ctx.samples_per_step
