@@ -141,13 +141,18 @@ def reconstruction_pass_rate(model: ShapesModel, specs: list[PromptSpec], pixels
 
 
 @torch.no_grad()
-def set_latent_scaling(model: ShapesModel, pixels: torch.Tensor) -> torch.Tensor:
-    """Set SD3-style shift/scale so latents are ~zero-mean, unit-std. Returns the scaled posterior means."""
+def set_latent_scaling(model: ShapesModel, pixels: torch.Tensor) -> None:
+    """Set SD3-style shift/scale so latents are ~zero-mean, unit-std."""
     mean = torch.cat([model.vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in pixels.split(1024)])
     shift = mean.mean().item()
     scale = 1.0 / mean.std().item()
     model.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    return (mean - shift) * scale
+
+
+@torch.no_grad()
+def pool_latents(model: ShapesModel, pixels: torch.Tensor) -> torch.Tensor:
+    """The scaled posterior means of the pool's renders, what the denoiser learns to generate."""
+    return torch.cat([model.encode_images(chunk) for chunk in pixels.split(1024)])
 
 
 def draw_captions(scenes: list[list[SceneObject]], model: CaptionModel, seed: int, step: int) -> list[str]:
@@ -238,8 +243,8 @@ def train_denoiser(model: ShapesModel, pool: Pool, latent_mean: torch.Tensor, cf
     training.finish()
 
 
-def _starting_model(cfg: PretrainConfig, pool: Pool, log) -> tuple[ShapesModel, torch.Tensor]:
-    """The model stage 2 starts from, and the scaled posterior means of the pool."""
+def _starting_model(cfg: PretrainConfig, pool: Pool, log) -> ShapesModel:
+    """The model stage 2 starts from: a saved one, or a new one with a freshly trained autoencoder."""
     if cfg.continue_from:
         model = ShapesModel.from_pretrained(cfg.continue_from)
     else:
@@ -251,9 +256,7 @@ def _starting_model(cfg: PretrainConfig, pool: Pool, log) -> tuple[ShapesModel, 
         # Deterministic: continuing a model that already has this encoder rebuilds the very same one.
         model.tokenizer = WordTokenizer(vocabulary(), model.tokenizer.max_length)
         model.text_encoder = orthogonal_text_encoder(model.tokenizer)
-    with torch.no_grad():
-        latent_mean = torch.cat([model.encode_images(chunk) for chunk in pool.pixels.split(1024)])
-    return model, latent_mean
+    return model
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> ShapesModel:
@@ -273,19 +276,19 @@ def pretrain(cfg: PretrainConfig, log=print) -> ShapesModel:
         if not start_dir.is_dir():
             raise FileNotFoundError(f"nothing to resume in {output} (no {start_dir})")
         saved = json.loads((checkpoints / CONFIG_FILE).read_text())
-        changed = sorted(k for k in set(saved) | set(cfg.recipe()) if saved.get(k) != json.loads(json.dumps(cfg.recipe())).get(k))
+        current = json.loads(json.dumps(cfg.recipe()))
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if changed:
             raise ValueError(f"--resume with a different recipe than the interrupted pretraining: {', '.join(changed)}")
     pool = build_pool(cfg.pool_size, cfg.seed)
     log(f"pool of {len(pool.scenes)} renders built")
     if cfg.resume:
         model = ShapesModel.from_pretrained(start_dir)
-        with torch.no_grad():
-            latent_mean = torch.cat([model.encode_images(chunk) for chunk in pool.pixels.split(1024)])
     else:
-        model, latent_mean = _starting_model(cfg, pool, log)
+        model = _starting_model(cfg, pool, log)
         model.save_pretrained(start_dir)
         (checkpoints / CONFIG_FILE).write_text(json.dumps(cfg.recipe(), indent=1))
+    latent_mean = pool_latents(model, pool.pixels)
     log(f"latent shift {model.vae.config.shift_factor:.4f} scale {model.vae.config.scaling_factor:.4f}")
     train_denoiser(model, pool, latent_mean, cfg, checkpoints, log)
     model.save_pretrained(output)
