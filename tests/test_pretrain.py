@@ -8,7 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dgpo.models.shapes import LEGACY_SPECIAL_TOKENS, ShapesModel, WordTokenizer, orthogonal_text_encoder
+from dgpo.models.shapes import (
+    LEGACY_SPECIAL_TOKENS,
+    ShapesModel,
+    WordTokenizer,
+    bidirectional_features,
+    bidirectional_text_encoder,
+    orthogonal_text_encoder,
+    with_text_width,
+)
 from dgpo.shapes.captions import EXACT_CAPTIONS, CaptionModel, caption_scene
 from dgpo.shapes.pretrain import PretrainConfig, build_pool, pretrain, snapshot
 from dgpo.shapes.prompts import PromptSpec, all_specs, scene_for_spec, vocabulary
@@ -110,6 +118,65 @@ def test_orthogonal_text_encoder_separates_the_words_a_prompt_depends_on(a, b):
     assert torch.equal(again, ea)
 
 
+BLOCKS = ("word", "previous word", "words before", "words after")
+
+
+def _blocks(prompt: str) -> list[dict[str, torch.Tensor]]:
+    """Per token of ``prompt`` (after <bos>), its bidirectional feature split into its four blocks."""
+    tokenizer = WordTokenizer(vocabulary())
+    hidden, _ = bidirectional_features(bidirectional_text_encoder(tokenizer), tokenizer([prompt]), tokenizer)
+    return [dict(zip(BLOCKS, row.view(len(BLOCKS), -1))) for row in hidden[0, 1 : len(prompt.split()) + 1]]
+
+
+def _words(block: torch.Tensor) -> set[str]:
+    tokenizer = WordTokenizer(vocabulary())
+    return {word for word, i in tokenizer.index.items() if block[i] > 1e-3}
+
+
+def test_bidirectional_encoder_puts_colour_count_and_side_in_the_shape_token():
+    circle = _blocks("a photo of a red circle left of a blue square")[5]
+    assert _words(circle["word"]) == {"circle"} and _words(circle["previous word"]) == {"red"}
+    assert "left" in _words(circle["words after"]) and "left" not in _words(circle["words before"])
+    square = _blocks("a photo of a red circle left of a blue square")[-1]
+    assert _words(square["previous word"]) == {"blue"} and "left" in _words(square["words before"])
+    assert _words(_blocks("a photo of three circles")[-1]["previous word"]) == {"three"}
+
+
+@pytest.mark.parametrize("a,b", PAIRS)
+def test_bidirectional_encoder_separates_the_words_a_prompt_depends_on_at_the_shapes(a, b):
+    """Swapping a relation, count or binding changes the feature of every shape token, not only of the swapped word."""
+    shapes = {"circle", "square", "circles"}
+    for word, ta, tb in zip(a.split(), _blocks(a), _blocks(b)):
+        if word in shapes:
+            difference = torch.cat(list(ta.values())) - torch.cat(list(tb.values()))
+            assert difference.norm() / torch.cat(list(ta.values())).norm() > 0.05
+
+
+def test_bidirectional_encoder_ignores_padding_and_survives_save_and_load(tmp_path):
+    tokenizer = WordTokenizer(vocabulary())
+    encoder = bidirectional_text_encoder(tokenizer)
+    ids = tokenizer(["a photo of a red circle"])
+    longer = WordTokenizer(vocabulary(), max_length=tokenizer.max_length + 4)
+    hidden, pooled = bidirectional_features(encoder, ids, tokenizer)
+    padded_hidden, padded_pooled = bidirectional_features(encoder, longer(["a photo of a red circle"]), longer)
+    assert torch.allclose(hidden[0, :8], padded_hidden[0, :8], atol=1e-6) and torch.allclose(pooled, padded_pooled, atol=1e-6)
+    assert torch.equal(pooled[0], hidden[0, int((ids[0] == tokenizer.eos_id).nonzero())])
+    encoder.save_pretrained(tmp_path)
+    from dgpo.models.shapes import load_text_encoder
+
+    assert torch.equal(bidirectional_features(load_text_encoder(tmp_path), ids, tokenizer)[0], hidden)
+
+
+def test_a_denoiser_takes_a_new_text_width_keeping_every_other_weight(tiny_model_dir):
+    transformer = ShapesModel.from_pretrained(tiny_model_dir).transformer
+    widened = with_text_width(transformer, 2 * transformer.config.joint_attention_dim)
+    before, after = transformer.state_dict(), widened.state_dict()
+    changed = {k for k in before if before[k].shape != after[k].shape}
+    assert changed and all("context_embedder" in k or "text_embedder.linear_1" in k for k in changed)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in changed)
+    assert with_text_width(widened, widened.config.joint_attention_dim) is widened
+
+
 def test_pooled_output_is_taken_at_eos_not_at_the_largest_token_id():
     tokenizer = WordTokenizer(vocabulary())
     assert tokenizer.eos_id != 2, "transformers' CLIP pools at the largest token id when eos_token_id == 2"
@@ -176,5 +243,5 @@ def test_resumed_pretraining_equals_an_uninterrupted_one(tiny_model_dir, tmp_pat
     start = load_file(str(tiny_model_dir / weights))
     assert any(not torch.equal(whole[k], start[k]) for k in whole), "pretraining changed nothing"
     model = ShapesModel.from_pretrained(tmp_path / "split")
-    assert torch.equal(model.text_encoder.embeddings.token_embedding.weight, orthogonal_text_encoder(model.tokenizer).embeddings.token_embedding.weight)
+    assert torch.equal(model.text_encoder.shared.weight, bidirectional_text_encoder(model.tokenizer).shared.weight)
     assert json.loads((tmp_path / "split" / "pretrain_config.json").read_text())["captions"] == json.loads(json.dumps(CaptionModel().__dict__))

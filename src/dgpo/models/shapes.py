@@ -2,8 +2,9 @@
 
 An ``AutoencoderKL`` maps 32x32 RGB to 8x8x8 latents (scaled and shifted as SD3 does),
 an ``SD3Transformer2DModel`` (MMDiT) predicts the flow velocity on those latents, and a
-small ``transformers.CLIPTextModel`` over a closed word vocabulary gives the token
-sequence and pooled embedding the MMDiT expects. Saved in diffusers' folder layout
+small text encoder over a closed word vocabulary gives the token sequence and pooled
+embedding the MMDiT expects: a fixed bidirectional ``T5EncoderModel`` (the shipped base),
+or a ``CLIPTextModel`` (earlier bases, still loadable). Saved in diffusers' folder layout
 (``vae/``, ``transformer/``, ``text_encoder/``, ``tokenizer.json``).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from .base import PromptEmbeddings
 from .sd3 import MMDiTLatents
@@ -147,6 +148,101 @@ def orthogonal_text_encoder(tokenizer: WordTokenizer, seed: int = 0) -> CLIPText
     return encoder.eval().requires_grad_(False)
 
 
+ROLE_HEADS = {
+    "previous word": lambda offset: offset == -1,
+    "words before": lambda offset: offset < 0,
+    "words after": lambda offset: offset > 0,
+}
+"""What each attention head of the bidirectional encoder reads, by the key's offset from the query token."""
+BLOCKED = -1e4
+
+
+def bidirectional_text_encoder(tokenizer: WordTokenizer) -> T5EncoderModel:
+    """A fixed ``T5EncoderModel`` whose every token states its word, the word before it, and the words on either side.
+
+    SD3.5-M reads T5, a bidirectional encoder: the feature of "circle" in "a red circle left of a blue
+    square" already knows it is red and that "left of" follows it. This encoder gives the denoiser the same,
+    by construction and without training: one layer, no queries or keys, and relative-position biases that
+    let head 1 see only the previous word, head 2 only the words before and head 3 only the words after.
+    Each head copies what it sees (one-hot words) into its own block of the output, beside the token's own
+    word: [word | previous word | mean of words before | mean of words after]. So "which colour goes with
+    which shape", "how many" and "which side" are each linear in the token of the shape they are about.
+    The pooled output (``bidirectional_pooled``) is the <eos> token's, whose "words before" is the prompt.
+    Deterministic; never trained.
+    """
+    block = 1 << (tokenizer.vocab_size - 1).bit_length()
+    heads = len(ROLE_HEADS)
+    config = T5Config(
+        vocab_size=tokenizer.vocab_size, d_model=block * (heads + 1), d_kv=block, d_ff=4, num_layers=1, num_heads=heads,
+        relative_attention_num_buckets=4 * tokenizer.max_length, relative_attention_max_distance=2 * tokenizer.max_length,
+        dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+        is_encoder_decoder=False, use_cache=False,
+    )
+    encoder = T5EncoderModel(config)
+    attention = encoder.encoder.block[0].layer[0].SelfAttention
+    offsets = torch.arange(-tokenizer.max_length + 1, tokenizer.max_length)
+    buckets = attention._relative_position_bucket(offsets, bidirectional=True, num_buckets=config.relative_attention_num_buckets,
+                                                  max_distance=config.relative_attention_max_distance)
+    width = config.d_model
+    with torch.no_grad():
+        encoder.shared.weight.zero_()
+        encoder.shared.weight[:, : tokenizer.vocab_size].copy_(torch.eye(tokenizer.vocab_size))
+        attention.q.weight.zero_()
+        attention.k.weight.zero_()
+        attention.v.weight.zero_()
+        attention.o.weight.zero_()
+        bias = torch.full_like(attention.relative_attention_bias.weight, BLOCKED)
+        for head, sees in enumerate(ROLE_HEADS.values()):
+            for offset, bucket in zip(offsets.tolist(), buckets.tolist()):
+                if sees(offset):
+                    bias[bucket, head] = 0.0
+            attention.v.weight[head * block : (head + 1) * block, :block] = torch.eye(block)
+            attention.o.weight[(head + 1) * block : (head + 2) * block, head * block : (head + 1) * block] = torch.eye(block)
+        attention.relative_attention_bias.weight.copy_(bias)
+        # The pre-attention RMS norm would scale a one-hot word by sqrt(width); undo it so every block has unit weight.
+        encoder.encoder.block[0].layer[0].layer_norm.weight.fill_(width**-0.5)
+        encoder.encoder.block[0].layer[1].DenseReluDense.wo.weight.zero_()
+    return encoder.eval().requires_grad_(False)
+
+
+def clip_features(encoder: CLIPTextModel, token_ids: torch.Tensor, tokenizer: WordTokenizer) -> PromptEmbeddings:
+    out = encoder(input_ids=token_ids)
+    return out.last_hidden_state, out.pooler_output
+
+
+def bidirectional_features(encoder: T5EncoderModel, token_ids: torch.Tensor, tokenizer: WordTokenizer) -> PromptEmbeddings:
+    """Token features, padding left out of every head's view; pooled at <eos>."""
+    hidden = encoder(input_ids=token_ids, attention_mask=(token_ids != tokenizer.pad_id).long()).last_hidden_state
+    eos = (token_ids == tokenizer.eos_id).long().argmax(dim=1)
+    return hidden, hidden[torch.arange(len(token_ids), device=hidden.device), eos]
+
+
+TEXT_ENCODER_CLASSES = {"CLIPTextModel": (CLIPTextModel, clip_features), "T5EncoderModel": (T5EncoderModel, bidirectional_features)}
+"""Text encoder architectures a saved ShapesEval model may hold (config.json's ``architectures``), and how each gives features."""
+
+
+def load_text_encoder(path: Path):
+    architecture = json.loads((path / "config.json").read_text()).get("architectures", ["CLIPTextModel"])[0]
+    if architecture not in TEXT_ENCODER_CLASSES:
+        raise ValueError(f"{path}: unsupported text encoder {architecture!r}; expected one of {', '.join(TEXT_ENCODER_CLASSES)}")
+    return TEXT_ENCODER_CLASSES[architecture][0].from_pretrained(path)
+
+
+def text_width(encoder) -> int:
+    return encoder.config.hidden_size if isinstance(encoder, CLIPTextModel) else encoder.config.d_model
+
+
+def with_text_width(transformer: SD3Transformer2DModel, width: int) -> SD3Transformer2DModel:
+    """The same denoiser reading text features of another width: only the two layers that take them in start afresh."""
+    if transformer.config.joint_attention_dim == width and transformer.config.pooled_projection_dim == width:
+        return transformer
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    widened = SD3Transformer2DModel(**{**config, "joint_attention_dim": width, "pooled_projection_dim": width})
+    own = widened.state_dict()
+    widened.load_state_dict({k: v if v.shape == own[k].shape else own[k] for k, v in transformer.state_dict().items()})
+    return widened
+
+
 class ShapesModel(MMDiTLatents):
     """Adapter for the ShapesEval model (see ``dgpo.models.base.FlowModelAdapter``)."""
 
@@ -177,7 +273,7 @@ class ShapesModel(MMDiTLatents):
         model = cls(
             AutoencoderKL.from_pretrained(path / "vae"),
             SD3Transformer2DModel.from_pretrained(path / "transformer"),
-            CLIPTextModel.from_pretrained(path / "text_encoder"),
+            load_text_encoder(path / "text_encoder"),
             WordTokenizer.load(path / "tokenizer.json"),
         )
         model.eval()
@@ -209,8 +305,9 @@ class ShapesModel(MMDiTLatents):
         return [self.text_encoder]
 
     def text_features(self, token_ids: torch.Tensor) -> PromptEmbeddings:
-        out = self.text_encoder(input_ids=token_ids.to(self.text_encoder_device))
-        return (out.last_hidden_state.to(self.device), out.pooler_output.to(self.device))
+        features = TEXT_ENCODER_CLASSES[type(self.text_encoder).__name__][1]
+        hidden, pooled = features(self.text_encoder, token_ids.to(self.text_encoder_device), self.tokenizer)
+        return hidden.to(self.device), pooled.to(self.device)
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
         with torch.no_grad():

@@ -4,8 +4,9 @@ Stage 1 trains the autoencoder (foreground-weighted L1 + small KL) on ground-tru
 SD3-style ``shift_factor``/``scaling_factor`` from the latent statistics. Stage 2 trains the MMDiT with
 rectified flow (x_t = (1 - t) x + t eps, target v = eps - x, logit-normal t, caption dropout for CFG)
 and keeps a weight EMA, which is what gets saved. Its captions are loose (``captions.CaptionModel``),
-as web alt-text is, and its text encoder is the fixed ``orthogonal_text_encoder`` (or, as the first
-base model had it, a CLIP text encoder trained jointly).
+as web alt-text is, and its text encoder is a fixed one built for the grammar (``FIXED_TEXT_ENCODERS``:
+the bidirectional T5-style encoder by default) or, as the first base model had it, a CLIP text encoder
+trained jointly.
 
 Every draw of step s is keyed by (seed, s), and stage 2 checkpoints to ``<output>/checkpoints`` every
 ``save_every`` steps, so a pretraining of several hours can span several sittings (``resume``) and ends
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.shapes import ShapesModel, WordTokenizer, orthogonal_text_encoder
+from ..models.shapes import ShapesModel, WordTokenizer, bidirectional_text_encoder, orthogonal_text_encoder, text_width, with_text_width
 from ..seeding import keyed_generator, stable_seed
 from ..train.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .captions import CaptionModel, caption_scene
@@ -32,7 +33,9 @@ from .prompts import CATEGORIES, PromptSpec, all_specs, scene_for_spec, vocabula
 from .verifier import verify
 from .world import BACKGROUND, SceneObject, render_scene
 
-TEXT_ENCODERS = ("orthogonal", "trained")
+FIXED_TEXT_ENCODERS = {"bidirectional": bidirectional_text_encoder, "orthogonal": orthogonal_text_encoder}
+"""Text encoders built for the grammar and never trained; the denoiser is pretrained to read one of them."""
+TEXT_ENCODERS = (*FIXED_TEXT_ENCODERS, "trained")
 CONFIG_FILE = "pretrain_config.json"
 
 
@@ -54,7 +57,7 @@ class PretrainConfig:
     ema_decay: float = 0.999
     warmup_steps: int = 200
     threads: int = 2
-    text_encoder: str = "orthogonal"
+    text_encoder: str = "bidirectional"
     captions: CaptionModel = field(default_factory=CaptionModel)
     save_every: int = 250
     log_every: int = 200
@@ -252,10 +255,11 @@ def _starting_model(cfg: PretrainConfig, pool: Pool, log) -> ShapesModel:
         train_autoencoder(model, pool.pixels, cfg, log)
         log(f"verifier passes {reconstruction_pass_rate(model, pool.specs[:1000], pool.pixels[:1000]):.3f} of reconstructions")
         set_latent_scaling(model, pool.pixels)
-    if cfg.text_encoder == "orthogonal":
+    if cfg.text_encoder in FIXED_TEXT_ENCODERS:
         # Deterministic: continuing a model that already has this encoder rebuilds the very same one.
         model.tokenizer = WordTokenizer(vocabulary(), model.tokenizer.max_length)
-        model.text_encoder = orthogonal_text_encoder(model.tokenizer)
+        model.text_encoder = FIXED_TEXT_ENCODERS[cfg.text_encoder](model.tokenizer)
+        model.transformer = with_text_width(model.transformer, text_width(model.text_encoder))
     return model
 
 
