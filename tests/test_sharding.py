@@ -53,7 +53,8 @@ if trainer.acc.is_main_process:
 
 VARIANTS = {
     "lora-dgpo": {},
-    "full-dgpo": {"model.lora_rank": 0},
+    # A clip far below the gradient norm: each rank must clip by the global norm, not its shards'.
+    "full-dgpo": {"model.lora_rank": 0, "optim.grad_clip": 1e-3},
     "lora-flow-grpo": FLOW_GRPO,
     "full-flow-grpo": {**FLOW_GRPO, "model.lora_rank": 0},
 }

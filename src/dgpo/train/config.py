@@ -128,6 +128,7 @@ class Config(Freezable):
             (m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}"),
             (m.mixed_precision in ("no", "fp16", "bf16"), f"model.mixed_precision must be no, fp16 or bf16, got {m.mixed_precision!r}"),
             (m.sharding in SHARDINGS, f"model.sharding must be {' or '.join(SHARDINGS.names())}, got {m.sharding!r}"),
+            (not m.cpu_offload or m.sharding == "fsdp2", "model.cpu_offload needs model.sharding=fsdp2"),
             (m.sharding == "none" or self.optim.optimizer == "adamw", f"model.sharding={m.sharding} needs optim.optimizer=adamw "
              "(bitsandbytes' 8-bit AdamW does not take sharded DTensor parameters)"),
             (self.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optim.optimizer!r}"),

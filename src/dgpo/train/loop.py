@@ -85,7 +85,7 @@ class Trainer:
         self.output = Path(config.run.output_dir)
         model = model or load_model(config.model.backend, config.model.path, config.model.resolution)
         self.sharding = SHARDINGS.get(config.model.sharding)
-        shard = self.sharding.wrapper(self.acc.device, config.model.mixed_precision)
+        shard = self.sharding.wrapper(self.acc.device, config.model.mixed_precision, config.model.cpu_offload)
         self.policy = Policy(model.to(self.acc.device), config, [p.text for p in self.prompts.prompts], shard)
         o = config.optim
         self.optimizer = make_optimizer(self.policy.parameters, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)

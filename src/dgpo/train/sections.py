@@ -42,6 +42,9 @@ class ModelConfig(Freezable):
     sharding: str = _help("none (every process holds the whole transformer) or fsdp2 (each transformer block and the root sharded "
                           "over all processes with FSDP2: weights, gradients and optimizer state take 1/N of the memory per process; "
                           "checkpoints are sharded too, and resume on any process count)", default="none")
+    cpu_offload: bool = _help("fsdp2: keep the weight shards, their gradients and the optimizer state in CPU memory, copied to the "
+                              "accelerator one block at a time (the optimizer steps on the CPU): for full fine-tuning on too few GPUs",
+                              default=False)
     offload_text_encoders: bool = _help("move the text encoders to the CPU once every training prompt is encoded and cached (accelerator "
                                         "memory then holds the transformer and VAE); a prompt encoded later is encoded on the CPU", default=False)
 

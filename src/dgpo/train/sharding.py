@@ -58,7 +58,8 @@ def shard_transformer(transformer: torch.nn.Module, mesh: DeviceMesh, mp_policy:
                       offload: bool = False) -> torch.nn.Module:
     """Wrap each block, then the root (the embeddings and output layers), with ``fully_shard``, in place.
     ``offload``: keep the shards and optimizer state in CPU memory, copied to the device per block."""
-    offload_policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    # Pinned host memory needs an accelerator; on a CPU mesh the shards stay where they are anyway.
+    offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if offload else OffloadPolicy()
     mp_policy = mp_policy or MixedPrecisionPolicy()
     for block in transformer_blocks(transformer):
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
@@ -136,12 +137,12 @@ class Sharding:
     name: str
     sharded: bool
 
-    def wrapper(self, device: torch.device, mixed_precision: str):
+    def wrapper(self, device: torch.device, mixed_precision: str, offload: bool = False):
         """The function that shards a transformer (``Policy``'s ``shard``), or None when unsharded."""
         if not self.sharded:
             return None
         mesh, mp_policy = process_mesh(device), mixed_precision_policy(device, mixed_precision)
-        return lambda transformer: shard_transformer(transformer, mesh, mp_policy)
+        return lambda transformer: shard_transformer(transformer, mesh, mp_policy, offload)
 
     def reduce_gradients(self, collectives, params: list[torch.nn.Parameter]) -> None:
         """Sum the gradients over processes, unless FSDP2's reduce-scatter already did (no second reduction)."""
