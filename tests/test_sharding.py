@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from diffusers import SD3Transformer2DModel
+from safetensors.torch import load_file
 from test_reliability import start, write_recipe
 from test_train import FLOW_GRPO, tiny_overrides
 from torch.distributed.tensor import DTensor
@@ -44,6 +46,7 @@ for job in jobs:
         shutil.copytree(job["copy_from"], str(trainer.checkpoint_dir / "step-00000001"))
     trainer.acc.wait_for_everyone()
     trainer.train(resume=job.get("resume", False))
+    trainer.export_adapter(trainer.output / "adapter")
     results[job["name"]] = whole_state(trainer)
     results[job["name"]]["bytes"] = [None] * dist.get_world_size()
     dist.all_gather_object(results[job["name"]]["bytes"], held_bytes(trainer))
@@ -148,6 +151,22 @@ def test_each_rank_holds_about_half_the_weights_and_optimizer_state(two_ranks, t
         assert 0.45 < rank_optimizer / optimizer_bytes < 0.56
 
 
+@pytest.mark.parametrize("variant", ["lora-dgpo", "full-dgpo"])
+def test_the_export_gathers_the_shards_into_diffusers_formats(two_ranks, tiny_model_dir, tmp_path, variant):
+    trainer, _ = unsharded_run(tiny_model_dir, tmp_path, VARIANTS[variant])
+    trainer.export_adapter(tmp_path / "adapter")
+    for folder in ("adapter", "adapter_ema"):
+        (gathered,), (whole,) = (list((root / folder).glob("*.safetensors")) for root in (two_ranks[0] / variant, tmp_path))
+        assert gathered.name == whole.name
+        gathered, whole = load_file(gathered), load_file(whole)
+        assert gathered.keys() == whole.keys()
+        for name, value in whole.items():
+            torch.testing.assert_close(gathered[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    if variant == "full-dgpo":
+        loaded = SD3Transformer2DModel.from_pretrained(two_ranks[0] / variant / "adapter")
+        assert {**loaded.config, "_name_or_path": ""} == {**trainer.model.transformer.config, "_name_or_path": ""}
+
+
 def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one(two_ranks, tiny_model_dir, tmp_path):
     tmp, results = two_ranks
     _, expected = unsharded_run(tiny_model_dir, tmp_path / "straight", {})
@@ -173,6 +192,18 @@ def test_a_rank_failing_mid_step_stops_both_with_one_sharded_checkpoint(tiny_mod
     assert "test_jpeg" in output and "scorer lost its weights" in output
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
     assert (out / "checkpoints" / "step-00000001" / "sharded").is_dir()
+
+
+def test_a_sharded_run_evaluates_on_every_rank_and_exports_the_gathered_adapter(tiny_model_dir, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model_dir)
+    out = tmp_path / "run"
+    overrides = ["data.micro_batch=2", "model.sharding=fsdp2", "run.max_steps=2", "eval.every=1", "eval.images_per_category=1"]
+    process = start(tmp_path, recipe, out, *(arg for override in overrides for arg in ("--set", override)), nproc=2)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
+    assert [e["step"] for e in json.loads((out / "evals.json").read_text())] == [0, 1, 2]
+    assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_sharding_is_validated_and_a_sharded_accelerate_launch_points_to_it(tiny_model_dir, tmp_path, monkeypatch):
