@@ -89,7 +89,9 @@ def time_step(trainer: Trainer, step: int) -> tuple[float, float]:
     return middle - start, time.perf_counter() - middle
 
 
-def build_trainer(args, workdir: Path) -> Trainer:
+def build_trainer(args, workdir: Path, extra: dict | None = None) -> Trainer:
+    """``extra``: config overrides on top of the benchmark's (gpu_fsdp2_step's modes)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     G = args.group_size
     overrides = {
         "data.group_size": G, "data.groups_per_step": 1, "data.micro_batch": G,
@@ -103,11 +105,11 @@ def build_trainer(args, workdir: Path) -> Trainer:
         from dgpo.models.shapes import build_tiny_model
 
         build_tiny_model().save_pretrained(workdir / "model")
-        overrides.update({"model.path": str(workdir / "model"), "rollout.num_steps": 2, "loss.grid_points": 2, "run.threads": 1})
+        overrides.update({"model.path": str(workdir / "model"), "rollout.num_steps": 2, "loss.grid_points": 2, "run.threads": 1, **(extra or {})})
         return Trainer(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), log=lambda *a: None)
     prompts = workdir / "prompts.txt"
     prompts.write_text("a photo of a benchmark\n")
-    overrides.update({"data.prompts": str(prompts), "model.mixed_precision": "bf16", "model.gradient_checkpointing": True})
+    overrides.update({"data.prompts": str(prompts), "model.mixed_precision": "bf16", "model.gradient_checkpointing": True, **(extra or {})})
     return Trainer(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), log=lambda *a: None, model=RandomSD35Medium())
 
 

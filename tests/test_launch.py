@@ -11,8 +11,8 @@ import pytest
 from dgpo.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-REFUSAL = ("dgpo: error: the accelerate launch config asks for {}, which dgpo does not support (it would train unsharded); "
-           "launch with a MULTI_GPU config such as configs/accelerate/multi_gpu.yaml")
+REFUSAL = ("dgpo: error: the accelerate launch config asks for {}, which dgpo does not take from accelerate (it would train unsharded); "
+           "launch with a MULTI_GPU config such as configs/accelerate/multi_gpu.yaml and set model.sharding: fsdp2 to shard the model")
 
 
 def train_args(tmp_path: Path) -> list[str]:

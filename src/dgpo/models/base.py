@@ -47,8 +47,9 @@ class FlowModelAdapter(Protocol):
         """Images (B, 3, H, W) in [0, 1] to latents (the mean of the VAE posterior, or a deterministic
         autoencoder's encoding)."""
 
-    def save_lora(self, path) -> None:
-        """Save the transformer's LoRA adapter in the format the model's diffusers pipeline loads."""
+    def save_lora(self, path, state_dict=None) -> None:
+        """Save the transformer's LoRA adapter in the format the model's diffusers pipeline loads (from
+        ``state_dict``, the transformer's gathered weights, when given)."""
 
 
 def index_embeddings(embeddings: PromptEmbeddings, index: torch.Tensor | slice) -> PromptEmbeddings:

@@ -33,14 +33,15 @@ class PipelineLoRA:
         ``model.offload_text_encoders`` has moved them to the CPU."""
         return next(self.text_encoders()[0].parameters()).device
 
-    def save_lora(self, path: str | Path) -> None:
+    def save_lora(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The transformer's LoRA in the pipeline's format; the metadata carries lora_alpha (without it
-        the loader assumes alpha = rank and rescales)."""
+        the loader assumes alpha = rank and rescales). ``state_dict``: the transformer's weights gathered from
+        a sharded transformer (default: its own)."""
         from peft.utils import get_peft_model_state_dict
 
         getattr(diffusers, self.pipeline_class).save_lora_weights(
             str(path),
-            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            transformer_lora_layers=get_peft_model_state_dict(self.transformer, state_dict=state_dict),
             transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
         )
 

@@ -1,7 +1,8 @@
 """Atomic, verified checkpoints with keep-last-N rotation.
 
-A checkpoint is a directory ``step-XXXXXXXX`` holding tensors (safetensors), the
-optimizer state, a JSON state and a ``manifest.json`` with the SHA-256 of every file.
+A checkpoint is a directory ``step-XXXXXXXX`` holding tensors (safetensors) and the
+optimizer state, or with model.sharding=fsdp2 every process's shards of them
+(``dgpo.train.sharding``), a JSON state and a ``manifest.json`` with the SHA-256 of every file.
 It is written to a temporary sibling and renamed into place, so a killed process
 leaves either a complete checkpoint or none. Loading verifies the manifest; a
 truncated or corrupt checkpoint is reported and the previous good one is used.
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import UserError
 
 MANIFEST = "manifest.json"
+STATE = "state.json"
 PREFIX = "step-"
 
 
@@ -43,6 +45,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def start_checkpoint(root: str | Path, step: int) -> Path:
+    """An empty temporary sibling of ``root/step-XXXXXXXX`` to write the checkpoint's files into."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(root: str | Path, step: int, tmp: Path, keep: int) -> Path:
+    """Write the manifest of every file under ``tmp`` (subfolders too), fsync, rename it to ``root/step-XXXXXXXX``;
+    then drop the oldest beyond ``keep`` (never the new one)."""
+    root = Path(root)
+    final = root / f"{PREFIX}{step:08d}"
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {"step": step, "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for path in (*files, tmp / MANIFEST):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    for folder in {p.parent for p in files}:
+        _fsync_dir(folder)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _rotate(root, keep, protect=final)
+    return final
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -52,28 +85,23 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write ``root/step-XXXXXXXX`` atomically; then drop the oldest beyond ``keep`` (never the new one)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = start_checkpoint(root, step)
     for name, group in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    files = sorted(p.name for p in tmp.iterdir())
-    manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for path in tmp.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _rotate(root, keep, protect=final)
-    return final
+    write_state(tmp, state)
+    return commit_checkpoint(root, step, tmp, keep)
+
+
+def write_state(tmp: Path, state: dict) -> None:
+    (tmp / STATE).write_text(json.dumps(state, indent=1))
+
+
+def load_state(path: str | Path) -> dict:
+    """The JSON state (counters, config, run state) of a checkpoint, verified first."""
+    path = Path(path)
+    verify_checkpoint(path)
+    return json.loads((path / STATE).read_text())
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -114,10 +142,9 @@ def latest_good_checkpoint(root: str | Path, warn=print) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
     path = Path(path)
-    verify_checkpoint(path)
+    state = load_state(path)
     tensors = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in path.glob("*.safetensors")}
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
-    state = json.loads((path / "state.json").read_text())
     return tensors, optimizer_state, state
 
 

@@ -32,6 +32,7 @@ from .sections import (
     RolloutConfig,
     RunConfig,
 )
+from .sharding import SHARDINGS
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,10 @@ class Config(Freezable):
             (m.resolution >= 0, f"model.resolution must be >= 0 (0 = the backend's default), got {m.resolution}"),
             (m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}"),
             (m.mixed_precision in ("no", "fp16", "bf16"), f"model.mixed_precision must be no, fp16 or bf16, got {m.mixed_precision!r}"),
+            (m.sharding in SHARDINGS, f"model.sharding must be {' or '.join(SHARDINGS.names())}, got {m.sharding!r}"),
+            (not m.cpu_offload or m.sharding == "fsdp2", "model.cpu_offload needs model.sharding=fsdp2"),
+            (m.sharding == "none" or self.optim.optimizer == "adamw", f"model.sharding={m.sharding} needs optim.optimizer=adamw "
+             "(bitsandbytes' 8-bit AdamW does not take sharded DTensor parameters)"),
             (self.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optim.optimizer!r}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.run.max_seconds >= 0, f"run.max_seconds must be >= 0 (0 = no limit), got {self.run.max_seconds}"),

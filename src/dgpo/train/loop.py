@@ -1,9 +1,10 @@
 """The online training loop: rollout -> score -> advantages -> update, one named function each.
 
 Runs under ``accelerate`` on one process or many. Every random draw is keyed by (seed, step, group or
-sample) (``draws.py``), so 1 and 2 processes, and a resumed run, compute the same numbers. Gradients of the
-trainable (LoRA) parameters are summed across processes explicitly after the micro-steps
-(``collectives.py``), so the loss normalisation is global. The parts: ``policy.py`` (weights, reference,
+sample) (``draws.py``), so 1 and 2 processes, and a resumed run, compute the same numbers (and a checkpoint
+needs no random generator state). Gradients of the trainable parameters are summed across processes
+explicitly after the micro-steps (``collectives.py``), or with model.sharding=fsdp2 by FSDP2's reduce-scatter
+in the backward (``sharding.py``), so the loss normalisation is global. The parts: ``policy.py`` (weights, reference,
 prompt embeddings), ``rollouts.py`` (sampling), ``scoring.py`` (rewards and their failure policy),
 ``algorithms.py`` (the losses), ``state.py`` (counters and the run state), ``metrics_log.py``.
 """
@@ -25,17 +26,27 @@ from ..models import load_model
 from ..models.base import index_embeddings
 from ..rewards import get_reward
 from .algorithms import UpdateContext, get_advantage, get_algorithm
-from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    commit_checkpoint,
+    latest_good_checkpoint,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+    start_checkpoint,
+    write_state,
+)
 from .collectives import Collectives
 from .config import Config, save_config
 from .data import GroupLayout, PromptSource
 from .draws import Draws
-from .ema import eval_ema_decay, ramped_decay
+from .ema import ParameterEMA, eval_ema_decay, ramped_decay
 from .metrics_log import MetricsLog
 from .optim import optimizer_class
 from .policy import Policy
 from .rollouts import Rollout, Rollouts
 from .scoring import RewardFailure, Scorer
+from .sharding import SHARDED_FOLDER, SHARDINGS, clip_grad_norm, load_sharded, save_sharded
 from .state import RunState, StepCounters
 
 __all__ = ["PREEMPTED_EXIT_CODE", "RewardFailure", "Rollout", "Trainer", "refuse_sharded_launch"]
@@ -45,11 +56,13 @@ PREEMPTED_EXIT_CODE = 75
 
 def refuse_sharded_launch() -> None:
     """The trainer never hands its model to ``accelerator.prepare``, so under an FSDP or DeepSpeed launch config
-    (``accelerate launch`` sets these flags from its distributed_type) it would train unsharded without a word: refuse."""
+    (``accelerate launch`` sets these flags from its distributed_type) it would train unsharded without a word: refuse,
+    naming the trainer's own sharding (model.sharding: fsdp2, ``sharding.py``)."""
     for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
         if parse_flag_from_env(flag):
-            raise UserError(f"the accelerate launch config asks for {name}, which dgpo does not support (it would train unsharded); "
-                            "launch with a MULTI_GPU config such as configs/accelerate/multi_gpu.yaml")
+            raise UserError(f"the accelerate launch config asks for {name}, which dgpo does not take from accelerate (it would train "
+                            "unsharded); launch with a MULTI_GPU config such as configs/accelerate/multi_gpu.yaml and set "
+                            "model.sharding: fsdp2 to shard the model")
 
 
 class Trainer:
@@ -71,7 +84,9 @@ class Trainer:
         self.eval_rewards = {name: get_reward(name) for name in config.eval.metrics}
         self.output = Path(config.run.output_dir)
         model = model or load_model(config.model.backend, config.model.path, config.model.resolution)
-        self.policy = Policy(model.to(self.acc.device), config, [p.text for p in self.prompts.prompts])
+        self.sharding = SHARDINGS.get(config.model.sharding)
+        shard = self.sharding.wrapper(self.acc.device, config.model.mixed_precision, config.model.cpu_offload)
+        self.policy = Policy(model.to(self.acc.device), config, [p.text for p in self.prompts.prompts], shard)
         o = config.optim
         self.optimizer = make_optimizer(self.policy.parameters, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.draws = Draws(config.run.seed, r, config.loss, config.run.max_steps, model.latent_shape, self.acc.device)
@@ -173,12 +188,12 @@ class Trainer:
                     if not math.isnan(float(value)):
                         total[0] += float(value)
                         total[1] += 1
-        self.collectives.sum_gradients(policy.parameters)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
+        self.sharding.reduce_gradients(self.collectives, policy.parameters)
+        grad_norm = clip_grad_norm(policy.parameters, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = {key: value / count if count else float("nan") for key, (value, count) in totals.items()}
-        out["grad_norm"] = float(grad_norm)  # clip_grad_norm_ returns the total norm before clipping
+        out["grad_norm"] = grad_norm  # the total norm before clipping
         return out
 
     # ----- checkpoints, resume, signals ------------------------------------------------------
@@ -187,33 +202,50 @@ class Trainer:
         return self.output / "checkpoints"
 
     def save(self) -> Path | None:
+        """Checkpoint the step (every process calls it). Unsharded the main process writes whole tensors; sharded
+        every process writes its shards into the main process's temporary folder, which the main process commits."""
+        c, p = self.counters, self.policy
+        state = {"step": c.step, "forward_equivalents": c.forward_equivalents, "elapsed_seconds": c.elapsed_seconds, "history": c.history,
+                 "config": self.config.to_dict(), "run_state": self.state.state_dict()}
+        main, keep = self.acc.is_main_process, self.config.run.keep_checkpoints
         path = None
-        if self.acc.is_main_process:
-            p = self.policy
-            tensors = {"trainable": dict(p.trainable), "rollout_ema": p.rollout_ema.state_dict()}
-            if p.eval_ema is not None:
-                tensors["eval_ema"] = p.eval_ema.state_dict()
-            c = self.counters
-            state = {"step": c.step, "forward_equivalents": c.forward_equivalents, "elapsed_seconds": c.elapsed_seconds, "history": c.history,
-                     "config": self.config.to_dict(), "run_state": self.state.state_dict()}
-            path = save_checkpoint(self.checkpoint_dir, c.step, tensors, self.optimizer.state_dict(), state, self.config.run.keep_checkpoints)
+        if self.sharding.sharded:
+            tmp = self.collectives.broadcast(start_checkpoint(self.checkpoint_dir, c.step) if main else None)
+            save_sharded(tmp / SHARDED_FOLDER, p.model.transformer, self.optimizer, self._emas())
+            if main:
+                write_state(tmp, state)
+                path = commit_checkpoint(self.checkpoint_dir, c.step, tmp, keep)
+        elif main:
+            tensors = {"trainable": dict(p.trainable), **{name: ema.state_dict() for name, ema in self._emas().items()}}
+            path = save_checkpoint(self.checkpoint_dir, c.step, tensors, self.optimizer.state_dict(), state, keep)
         self.acc.wait_for_everyone()
         return path
+
+    def _emas(self) -> dict[str, ParameterEMA]:
+        p = self.policy
+        return {"rollout_ema": p.rollout_ema, **({"eval_ema": p.eval_ema} if p.eval_ema is not None else {})}
 
     def resume(self) -> bool:
         path = latest_good_checkpoint(self.checkpoint_dir, warn=self.log)
         if path is None:
             self.log(f"no checkpoint in {self.checkpoint_dir}; starting from step 0")
             return False
-        tensors, optimizer_state, state = load_checkpoint(path)
         p = self.policy
-        with torch.no_grad():
-            for name, param in p.trainable:
-                param.copy_(tensors["trainable"][name].to(param.device, param.dtype))
-        p.rollout_ema.load_state_dict(tensors["rollout_ema"])
-        if p.eval_ema is not None:
-            p.eval_ema.load_state_dict(tensors["eval_ema"])
-        self.optimizer.load_state_dict(optimizer_state)
+        written_sharded = (path / SHARDED_FOLDER).is_dir()
+        if written_sharded != self.sharding.sharded:
+            raise CheckpointError(f"checkpoint {path} was written with model.sharding={'fsdp2' if written_sharded else 'none'}; "
+                                  f"resume it with that setting (this run has model.sharding={self.config.model.sharding})")
+        if self.sharding.sharded:
+            state = load_state(path)
+            load_sharded(path / SHARDED_FOLDER, p.model.transformer, self.optimizer, self._emas())
+        else:
+            tensors, optimizer_state, state = load_checkpoint(path)
+            with torch.no_grad():
+                for name, param in p.trainable:
+                    param.copy_(tensors["trainable"][name].to(param.device, param.dtype))
+            for name, ema in self._emas().items():
+                ema.load_state_dict(tensors[name])
+            self.optimizer.load_state_dict(optimizer_state)
         self.counters = StepCounters(state["step"], state["forward_equivalents"], state["elapsed_seconds"], state["history"])
         # Checkpoints written before RunState kept only the KL weights, at the top level.
         self.state.load_state_dict(state.get("run_state", {"kl_beta": state.get("kl_beta")}), log=self.log)
@@ -236,8 +268,9 @@ class Trainer:
 
     def export_adapter(self, path: Path) -> None:
         """LoRA in diffusers' format, and with an evaluation EMA (eval.ema_decay) also its weights beside it as
-        ``<path>_ema`` (the reference code saves the EMA as its checkpoint)."""
-        self.policy.export(path)
+        ``<path>_ema`` (the reference code saves the EMA as its checkpoint). Every process calls it (sharded weights
+        are gathered); the main process writes."""
+        self.policy.export(path, write=self.acc.is_main_process)
 
     def finished(self) -> bool:
         """run.max_steps reached, or run.max_seconds or run.max_forward_equivalents of training spent, or the guard stopped the run."""

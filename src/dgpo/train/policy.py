@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from safetensors.torch import save_file
 
 from ..models.base import FlowModelAdapter, PromptEmbeddings, cat_embeddings, index_embeddings
 from ..seeding import stable_seed
 from .config import Config, ModelConfig
 from .ema import ParameterEMA
+from .sharding import full_trainable_state
 
 
 def attach_trainable(model, cfg: ModelConfig) -> list[tuple[str, torch.nn.Parameter]]:
@@ -36,7 +38,9 @@ class Policy:
     """``model`` with trainable weights attached (LoRA, initialised from the run seed) and ``texts`` embedded and
     cached (then the text encoders offloaded, with model.offload_text_encoders)."""
 
-    def __init__(self, model: FlowModelAdapter, config: Config, texts: list[str]):
+    def __init__(self, model: FlowModelAdapter, config: Config, texts: list[str], shard=None):
+        """``shard``: wraps a transformer for a sharded model.sharding once its trainable weights are attached (it
+        replaces the parameters, so everything that holds them, the optimizer and EMAs included, is built after it)."""
         m = config.model
         self.model = model
         self.embedding_cache: dict[str, PromptEmbeddings] = {}
@@ -46,11 +50,19 @@ class Policy:
                 encoder.to("cpu")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stable_seed("adapter-init", config.run.seed))
-            self.trainable = attach_trainable(model, m)
+            names = [name for name, _ in attach_trainable(model, m)]
         if m.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
         self.lora = m.lora_rank > 0
-        self.reference_transformer = None if self.lora else copy.deepcopy(model.transformer).requires_grad_(False)
+        # Copied before sharding (a sharded module cannot be deep-copied), then sharded like the policy.
+        reference = None if self.lora else copy.deepcopy(model.transformer).requires_grad_(False)
+        self.sharded = shard is not None
+        if self.sharded:
+            model.transformer = shard(model.transformer)
+            reference = None if reference is None else shard(reference)
+        self.reference_transformer = reference
+        params = dict(model.transformer.named_parameters())
+        self.trainable = [(name, params[name]) for name in names]
         self.rollout_ema = ParameterEMA(self.trainable, config.rollout.ema_decay)
         self.eval_ema = ParameterEMA(self.trainable, config.eval.ema_decay) if config.eval.ema_decay > 0 else None
 
@@ -104,16 +116,30 @@ class Policy:
         with torch.no_grad(), self.reference():
             return self.model.velocity(x, sigma, embeddings)
 
-    def export(self, path: Path) -> None:
+    def export(self, path: Path, write: bool = True) -> None:
         """LoRA in diffusers' format (``pipe.load_lora_weights`` / ``transformer.load_lora_adapter``), or the whole
-        transformer; with an evaluation EMA also its weights, beside it as ``<path>_ema``."""
-        self._export_weights(path)
+        transformer; with an evaluation EMA also its weights, beside it as ``<path>_ema``. Sharded, every process
+        calls it (the weights are gathered) and the one with ``write`` writes."""
+        self._export_weights(path, write)
         if self.eval_ema is not None:
             with self.eval_ema.swapped_in():
-                self._export_weights(path.with_name(path.name + "_ema"))
+                self._export_weights(path.with_name(path.name + "_ema"), write)
 
-    def _export_weights(self, path: Path) -> None:
+    def _export_weights(self, path: Path, write: bool) -> None:
+        state = full_trainable_state(self.model.transformer) if self.sharded else None
+        if not write:
+            return
         if self.lora:
-            self.model.save_lora(path)
-        else:
+            self.model.save_lora(path, state)
+        elif state is None:
             self.model.transformer.save_pretrained(str(path))
+        else:
+            save_transformer(self.model.transformer, state, path)
+
+
+def save_transformer(transformer, state: dict[str, torch.Tensor], path: Path) -> None:
+    """A transformer in diffusers' folder layout (config.json and the weights) from its gathered weights
+    (``save_pretrained`` would save the sharded module's local shards)."""
+    path.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(str(path))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "diffusion_pytorch_model.safetensors"))

@@ -166,16 +166,18 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
         shutil.rmtree(out, ignore_errors=True)
     trainer.acc.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = build_evaluator(trainer, log) if trainer.acc.is_main_process else None
+    main = trainer.acc.is_main_process
+    quiet = log if main else (lambda *args: None)
+    # A sharded model's forwards are collectives: then every process runs the evaluation (the same images) and the main one writes.
+    evaluator = build_evaluator(trainer, quiet) if main or trainer.sharding.sharded else None
     evals_path = out / "evals.json"
     evals: list[dict] = json.loads(evals_path.read_text()) if resume and evals_path.exists() else []
-    main = trainer.acc.is_main_process
 
     def run_eval(images_per_category: int, tag: str) -> dict | None:
         if evaluator is None:
             return None
         start = time.perf_counter()
-        result = evaluate(trainer, evaluator, images_per_category, out / f"grid_{tag}.png")
+        result = evaluate(trainer, evaluator, images_per_category, out / f"grid_{tag}.png" if main else None)
         c = trainer.counters
         result.update(
             step=c.step, training_seconds=c.elapsed_seconds, forward_equivalents=c.forward_equivalents,
@@ -183,10 +185,11 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
         )
         before = next((e for e in evals if e["step"] == 0), None)
         if before is not None:
-            apply_guard(trainer, before, result, log, evaluator.lower_is_better)
+            apply_guard(trainer, before, result, quiet, evaluator.lower_is_better)
         evals.append(result)
-        evals_path.write_text(json.dumps(evals, indent=1))
-        log(f"{evaluator.title.split(' (')[0]} at step {trainer.counters.step}: overall {result['overall']:.3f}")
+        if main:
+            evals_path.write_text(json.dumps(evals, indent=1))
+        quiet(f"{evaluator.title.split(' (')[0]} at step {trainer.counters.step}: overall {result['overall']:.3f}")
         return result
 
     if not any(e["step"] == 0 for e in evals):
@@ -203,8 +206,8 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
     if status != 0:
         return summary
     after = run_eval(config.eval.final_images_per_category, "after")
+    trainer.export_adapter(out / "adapter")
     if main:
-        trainer.export_adapter(out / "adapter")
         before = next((e for e in evals if e["step"] == 0), None)
         plot_curves(trainer.counters.history, evals, out / "curves.png", config.loss.algorithm)
         summary.update(

@@ -39,6 +39,12 @@ class ModelConfig(Freezable):
     lora_targets: list[str] = _help("module names LoRA wraps; empty = the adapter's attention projections", default_factory=list)
     mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", default="no")
     gradient_checkpointing: bool = _help("recompute transformer activations in the backward pass (less memory, ~30% slower)", default=False)
+    sharding: str = _help("none (every process holds the whole transformer) or fsdp2 (each transformer block and the root sharded "
+                          "over all processes with FSDP2: weights, gradients and optimizer state take 1/N of the memory per process; "
+                          "checkpoints are sharded too, and resume on any process count)", default="none")
+    cpu_offload: bool = _help("fsdp2: keep the weight shards, their gradients and the optimizer state in CPU memory, copied to the "
+                              "accelerator one block at a time (the optimizer steps on the CPU): for full fine-tuning on too few GPUs",
+                              default=False)
     offload_text_encoders: bool = _help("move the text encoders to the CPU once every training prompt is encoded and cached (accelerator "
                                         "memory then holds the transformer and VAE); a prompt encoded later is encoded on the CPU", default=False)
 
