@@ -43,7 +43,7 @@ def _settings(args):
 
 def cmd_train(args) -> int:
     from .train.config import config_help, load_config
-    from .train.run import comparison_table, run_training
+    from .train.run import run_training
 
     if args.help_config:
         print(config_help())
@@ -51,17 +51,8 @@ def cmd_train(args) -> int:
     if args.config is None:
         raise ValueError("train needs a CONFIG recipe (e.g. configs/shapes/dgpo.yaml)")
     config = load_config(args.config, args.set or [])
-    summary = run_training(config, resume=args.resume, overwrite=args.overwrite)
-    if summary["status"] != 0:
-        return summary["status"]
-    if summary.get("before") and summary.get("after"):
-        from .evaluators import evaluator_of
-
-        cls = evaluator_of(summary["after"])
-        print(f"\n{cls.title if cls else 'evaluation'}, before -> after\n")
-        print(comparison_table(summary["before"], summary["after"]))
-        print(f"\nreport: {Path(summary['output_dir']) / 'report.md'}")
-    return 0
+    # run_training prints the summary: evaluation before -> after and where the report, adapter and curves are.
+    return run_training(config, resume=args.resume, overwrite=args.overwrite)["status"]
 
 
 def cmd_compare(args) -> int:

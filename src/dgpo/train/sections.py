@@ -135,11 +135,18 @@ class OptimConfig(Freezable):
 @dataclass
 class EvalConfig(Freezable):
     evaluator: str = _help("registered evaluator run before, during (eval.every) and after training (dgpo.evaluators.EVALUATORS); "
-                           "empty = the default for model.backend (shapes for the shapes backend, none otherwise), none = no evaluation",
-                           default="")
+                           "empty = the default for model.backend (shapes for the shapes backend), else prompts when eval.prompts "
+                           "is set, else none; none = no evaluation", default="")
+    prompts: str = _help("held-out prompt file (one prompt per line, or JSONL {prompt, metadata}) or registered prompt source for "
+                         "the prompt-set evaluator (prompts): it scores the training rewards (reward.weights) on these prompts, "
+                         "overall = their weighted sum, and within-prompt diversity as an out-of-domain metric", default="")
+    ood_prompts: str = _help("prompts evaluator: a second, out-of-domain prompt file; its reward (ood_reward) and diversity "
+                             "(ood_diversity) are out-of-domain metrics (empty = none)", default="")
     every: int = _help("evaluate on the test prompts every N steps (0 = only before and after)", default=0)
-    images_per_category: int = _help("test images per category for periodic evaluation", default=96)
-    final_images_per_category: int = _help("test images per category for the before/after evaluation", default=96)
+    images_per_category: int = _help("test images per category for periodic evaluation (prompts evaluator: images over the whole "
+                                     "prompt file, at least 2 per prompt)", default=96)
+    final_images_per_category: int = _help("test images per category for the before/after evaluation (prompts evaluator: as "
+                                           "images_per_category)", default=96)
     ema_decay: float = _help("decay of the evaluation EMA of the policy (0 = evaluate the raw policy; reference code 0.9). After n steps "
                              "it updates with decay min(ema_decay, (1 + n) / (10 + n)), as the reference's EMA warms up; it is "
                              "evaluated, checkpointed and exported beside the adapter (adapter_ema/)", default=0.0)

@@ -1,0 +1,103 @@
+"""Your own diffusers model end to end, on a tiny SD3 pipeline built in the test: the prompt-set evaluator
+drives periodic evaluation, eval.metrics, the guard, the report and the printed summary."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_diffusers_backends import build_sd3, save_tiny
+
+from dgpo.evaluators import resolve_evaluator
+from dgpo.rewards import REWARDS, register_reward
+from dgpo.train.config import ConfigError, load_config
+from dgpo.train.run import run_training
+
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory) -> Path:
+    return save_tiny(build_sd3, tmp_path_factory.mktemp("own-sd3"))
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "train.txt").write_text("a red circle\na blue square\n")
+    (root / "held_out.txt").write_text("a green triangle\na yellow star\n")
+    (root / "ood.txt").write_text("an orange moon\n")
+    return root / "held_out.txt", root / "ood.txt"
+
+
+def sd3_overrides(model: Path, output: Path, prompts: Path, **extra) -> list[str]:
+    values = {
+        "model.backend": "sd3", "model.path": str(model), "model.resolution": RESOLUTION, "model.lora_rank": 4,
+        "data.prompts": str(prompts.parent / "train.txt"), "data.group_size": 4, "data.groups_per_step": 1, "data.micro_batch": 4,
+        "rollout.num_steps": 2, "loss.grid_points": 2, "run.max_steps": 2, "run.save_every": 0, "run.tensorboard": False,
+        "run.output_dir": str(output), "run.threads": 1, "reward.weights": {"jpeg_incompressibility": 1.0},
+        "eval.prompts": str(prompts), "eval.num_steps": 2, "eval.images_per_category": 4, "eval.final_images_per_category": 4,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+class Countdown:
+    """An evaluation-only metric that is lower at every evaluation than at the one before, so a guard on it trips."""
+
+    calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        type(self).calls += 1
+        return [1.0 / type(self).calls] * len(prompts)
+
+
+def test_the_prompt_set_evaluator_is_the_default_for_a_diffusers_backend_with_eval_prompts():
+    assert resolve_evaluator("", "sd3", "held_out.txt")[0] == "prompts"
+    assert resolve_evaluator("", "shapes", "held_out.txt")[0] == "shapes"
+    assert resolve_evaluator("", "flux", "")[0] == "none"
+    with pytest.raises(ConfigError, match="eval.evaluator=prompts needs eval.prompts"):
+        load_config(None, ["model.backend=sd3", "eval.evaluator=prompts"])
+    with pytest.raises(ConfigError, match="ood_reward"):
+        load_config(None, ["model.backend=sd3", "eval.prompts=p.txt", "eval.guard_metric=ood_reward"])
+    load_config(None, ["model.backend=sd3", "eval.prompts=p.txt", "eval.ood_prompts=o.txt", "eval.guard_metric=ood_reward"])
+
+
+def test_a_tiny_sd3_run_evaluates_before_during_and_after_and_its_guard_trips(sd3_dir, prompt_files, tmp_path):
+    held_out, ood = prompt_files
+    register_reward("test_countdown")(Countdown)
+    lines = []
+    try:
+        extra = {"eval.every": 1, "eval.ood_prompts": str(ood), "eval.metrics": "[test_countdown, jpeg_incompressibility]",
+                 "eval.guard_metric": "test_countdown", "eval.guard_max_drop": 0.01}
+        summary = run_training(load_config(None, sd3_overrides(sd3_dir, tmp_path / "run", held_out, **extra)), log=lines.append)
+    finally:
+        REWARDS.unregister("test_countdown")
+    run = tmp_path / "run"
+    evals = json.loads((run / "evals.json").read_text())
+    assert [e["step"] for e in evals] == [0, 1, 1] and all(e["evaluator"] == "prompts" for e in evals)
+    before = evals[0]
+    assert set(before["rewards"]) == {"jpeg_incompressibility"} and before["overall"] == pytest.approx(before["rewards"]["jpeg_incompressibility"])
+    # eval.metrics reuse the evaluator's score of a training reward instead of scoring it again
+    assert before["metrics"]["jpeg_incompressibility"] == before["rewards"]["jpeg_incompressibility"]
+    assert before["num_images"] == 4 and np.isfinite([before["diversity"], before["ood_reward"], before["ood_diversity"]]).all()
+    assert "guard" in evals[1] and summary["steps"] == 1, "the countdown metric halves: the guard stops the run after step 1"
+    assert any(line.startswith("guard: test_countdown") for line in lines)
+    assert {"grid_before.png", "grid_after.png", "curves.png", "report.md", "adapter"} <= {p.name for p in run.iterdir()}
+    report = (run / "report.md").read_text()
+    assert "## held-out prompts (eval.prompts)" in report and "| jpeg_incompressibility |" in report and "![after](grid_after.png)" in report
+    printed = "\n".join(lines)
+    assert "run finished: 1 optimizer steps" in printed and "| diversity within prompt |" in printed
+    assert f"report:  {run / 'report.md'}" in printed and f"adapter: {run / 'adapter'}" in printed
+
+
+def test_a_run_without_evaluation_reports_no_grids_and_says_so(sd3_dir, prompt_files, tmp_path):
+    held_out, _ = prompt_files
+    lines = []
+    summary = run_training(load_config(None, sd3_overrides(sd3_dir, tmp_path, held_out, **{"eval.prompts": "", "run.max_steps": 1})),
+                           log=lines.append)
+    assert summary["status"] == 0 and summary["before"] is None
+    report = (tmp_path / "report.md").read_text()
+    assert "grid_before" not in report and "## Samples" not in report and not list(tmp_path.glob("grid_*.png")) and "![curves](curves.png)" in report
+    assert "evaluation: off" in "\n".join(lines) and f"curves:  {tmp_path / 'curves.png'}" in "\n".join(lines)
