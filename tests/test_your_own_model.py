@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from test_diffusers_backends import build_sd3, save_tiny
 
+from dgpo.cli import main
 from dgpo.evaluators import resolve_evaluator
 from dgpo.rewards import REWARDS, register_reward
 from dgpo.train.config import ConfigError, load_config
@@ -101,3 +103,43 @@ def test_a_run_without_evaluation_reports_no_grids_and_says_so(sd3_dir, prompt_f
     report = (tmp_path / "report.md").read_text()
     assert "grid_before" not in report and "## Samples" not in report and not list(tmp_path.glob("grid_*.png")) and "![curves](curves.png)" in report
     assert "evaluation: off" in "\n".join(lines) and f"curves:  {tmp_path / 'curves.png'}" in "\n".join(lines)
+
+
+def test_eval_and_sample_take_any_backend_and_compare_runs_or_refuses_its_recipes(sd3_dir, prompt_files, tmp_path, capsys):
+    held_out, _ = prompt_files
+    model = ["--backend", "sd3", "--model", str(sd3_dir), "--resolution", str(RESOLUTION), "--steps", "2"]
+    assert main(["sample", "a photo of a red cat", *model, "--num", "2", "--output", str(tmp_path / "cat.png")]) == 0
+    assert (tmp_path / "cat.png").is_file()
+    assert main(["eval", *model, "--prompts", str(held_out), "--metrics", "jpeg_incompressibility,jpeg_compressibility",
+                 "--images-per-category", "4", "--output", str(tmp_path / "eval.json"), "--grid", str(tmp_path / "grid.png")]) == 0
+    out = json.loads((tmp_path / "eval.json").read_text())
+    assert out["evaluator"] == "prompts" and set(out["rewards"]) == set(out["metrics"]) == {"jpeg_incompressibility", "jpeg_compressibility"}
+    assert out["overall"] == pytest.approx(np.mean(list(out["rewards"].values()))) and out["num_images"] == 4
+    assert (tmp_path / "grid.png").is_file()
+
+    capsys.readouterr()
+    assert main(["sample", "a cat", "--backend", "sd3"]) == 2
+    assert main(["eval", *model]) == 2
+    assert main(["eval", *model, "--prompts", str(held_out)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 3 and all(e.startswith("dgpo: error: ") for e in errors)
+    assert "needs a model directory" in errors[0] and "nothing to evaluate" in errors[1] and "--prompts needs --metrics" in errors[2]
+
+    recipe = tmp_path / "own.yaml"
+    recipe.write_text(yaml.safe_dump(config_from_overrides(sd3_overrides(sd3_dir, tmp_path / "unused", held_out))))
+    assert main(["compare", f"a={recipe}", "--output", str(tmp_path / "cmp"), "--budget-steps", "1", "--eval-every", "1",
+                 "--eval-images", "2", "--threshold", "0.0"]) == 0
+    assert json.loads((tmp_path / "cmp" / "runs" / "a" / "seed-0" / "evals.json").read_text())[0]["evaluator"] == "prompts"
+    capsys.readouterr()
+    assert main(["compare", f"a={recipe}", "--set", "eval.prompts=", "--output", str(tmp_path / "cmp2")]) == 2
+    assert "recipe a" in capsys.readouterr().err and not (tmp_path / "cmp2").exists()
+
+
+def config_from_overrides(overrides: list[str]) -> dict:
+    """A YAML recipe of section.field=value overrides."""
+    recipe: dict = {}
+    for text in overrides:
+        key, value = text.split("=", 1)
+        section, name = key.split(".")
+        recipe.setdefault(section, {})[name] = yaml.safe_load(value) if value else ""
+    return recipe

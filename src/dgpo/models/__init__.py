@@ -26,6 +26,9 @@ def _existing_directory(path: str) -> str:
 
 def _directory_or_hub_id(path: str) -> str:
     """A path that exists must be a model directory; anything else goes to the hub (where there is network)."""
+    if not path or path == "shipped":
+        raise FileNotFoundError(f"no model given (model.path, --model {path!r}): this backend needs a model directory or hub id; "
+                                "'shipped' is the ShapesEval model of the shapes backend")
     return _existing_directory(path) if Path(path).exists() else path
 
 
