@@ -143,8 +143,10 @@ def cmd_eval(args) -> int:
 
 def cmd_sample(args) -> int:
     from .evaluation import generate, save_grid
+    from .models.common import check_prompt_lengths
 
     model = _load_model(args)
+    check_prompt_lengths(model, args.prompt, "dgpo sample")
     prompts = [p for p in args.prompt for _ in range(args.num)]
     keys = [("sample", args.seed, i) for i in range(len(prompts))]
     images = generate(model, prompts, keys, _settings(args), args.batch_size)

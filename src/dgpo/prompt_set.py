@@ -19,6 +19,7 @@ import torch
 from .diversity import group_diversity
 from .evaluation import generate
 from .evaluators import PROMPT_SET, EvalResult, Evaluator, GridSelection, register_evaluator
+from .models.common import check_prompt_lengths
 from .rewards import as_scores, combine_rewards, get_reward
 from .rollout import SamplerSettings
 from .train.data import Prompt, PromptSource
@@ -62,9 +63,11 @@ class PromptSetEvaluator(Evaluator):
     def from_config(cls, config, model) -> PromptSetEvaluator:
         e, r = config.eval, config.reward
         rewards = {name: get_reward(name, **r.options.get(name, {})) for name in r.weights}
-        ood = PromptSource.load(e.ood_prompts) if e.ood_prompts else None
+        sources = {field: PromptSource.load(spec) for field, spec in (("eval.prompts", e.prompts), ("eval.ood_prompts", e.ood_prompts)) if spec}
+        for field, source in sources.items():
+            check_prompt_lengths(model, [p.text for p in source.prompts], f"{field} {source.name}")
         # Rollouts of data.micro_batch images fit in memory, so evaluation batches of that size do.
-        return cls(PromptSource.load(e.prompts), rewards, dict(r.weights), ood, config.data.micro_batch)
+        return cls(sources["eval.prompts"], rewards, dict(r.weights), sources.get("eval.ood_prompts"), config.data.micro_batch)
 
     @classmethod
     def reported_metrics(cls, eval_config) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..models import load_model
 from ..models.base import index_embeddings
+from ..models.common import check_prompt_lengths
 from ..rewards import get_reward
 from .algorithms import UpdateContext, get_advantage, get_algorithm
 from .checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
@@ -71,6 +72,7 @@ class Trainer:
         self.eval_rewards = {name: get_reward(name) for name in config.eval.metrics}
         self.output = Path(config.run.output_dir)
         model = model or load_model(config.model.backend, config.model.path, config.model.resolution)
+        check_prompt_lengths(model, [p.text for p in self.prompts.prompts], f"data.prompts {d.prompts}")
         self.policy = Policy(model.to(self.acc.device), config, [p.text for p in self.prompts.prompts])
         o = config.optim
         self.optimizer = make_optimizer(self.policy.parameters, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)

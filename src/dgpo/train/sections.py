@@ -32,8 +32,8 @@ def _help(text: str, **kwargs):
 class ModelConfig(Freezable):
     backend: str = _help("model adapter: shapes (the built-in ShapesEval model), sd3, flux, sana", default="shapes")
     path: str = _help("model directory or hub id; 'shipped' = the ShapesEval model inside the package", default="shipped")
-    resolution: int = _help("image size in pixels for diffusers backends (0 = the backend's default: sd3 and flux 512, sana the "
-                            "checkpoint's native size, shapes 32)", default=0)
+    resolution: int = _help("image size in pixels (0 = the checkpoint's native size: sd3 and sana the transformer's sample_size "
+                            "latents times the VAE scale, flux 1024, shapes 32)", default=0)
     lora_rank: int = _help("LoRA rank; 0 trains all transformer weights", default=16)
     lora_alpha: float = _help("LoRA alpha (scale = alpha / rank)", default=32.0)
     lora_targets: list[str] = _help("module names LoRA wraps; empty = the adapter's attention projections", default_factory=list)
