@@ -3,6 +3,9 @@ drives periodic evaluation, eval.metrics, the guard, the report and the printed 
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from test_diffusers_backends import build_sd3, save_tiny
 
 from dgpo.cli import main
 from dgpo.evaluators import resolve_evaluator
+from dgpo.models import load_model
 from dgpo.rewards import REWARDS, register_reward
 from dgpo.train.config import ConfigError, load_config
 from dgpo.train.run import run_training
@@ -143,3 +147,81 @@ def config_from_overrides(overrides: list[str]) -> dict:
         section, name = key.split(".")
         recipe.setdefault(section, {})[name] = yaml.safe_load(value) if value else ""
     return recipe
+
+
+def test_resolution_zero_is_the_checkpoints_native_size(sd3_dir):
+    model = load_model("sd3", str(sd3_dir))
+    assert model.latent_shape == (4, 16, 16)  # sample_size 16 latents, VAE scale 2: 32 px, as the pipeline samples
+
+
+def test_bad_model_and_prompt_settings_are_one_line_errors_before_the_run_directory(sd3_dir, prompt_files, tmp_path, capsys):
+    held_out, _ = prompt_files
+    long_prompts = tmp_path / "long.txt"
+    long_prompts.write_text("a red circle\n" + "a very long prompt " * 6 + "\n")  # 114 characters: CLIP reads 77 tokens, no T5
+    run = tmp_path / "run"
+    cases = {
+        "model.resolution=256": "above this model's limit of 192 px",
+        "model.backend=flux": "holds a diffusers StableDiffusion3Pipeline (model_index.json), which model.backend flux does not load; "
+                              "set model.backend: sd3",
+        "model.backend=shapes": "which model.backend shapes does not load; set model.backend: sd3",
+        f"model.path={sd3_dir / 'transformer'}": f"is the 'transformer' component of the diffusers pipeline in {sd3_dir}",
+        f"model.path={tmp_path}": "has no model_index.json",
+        f"data.prompts={long_prompts}": "is longer than any text encoder of this model reads, in tokens: CLIP 77 (this prompt: 92)",
+        f"eval.prompts={long_prompts}": f"eval.prompts {long_prompts}: prompt 2",
+    }
+    recipe = tmp_path / "own.yaml"
+    recipe.write_text(yaml.safe_dump(config_from_overrides(sd3_overrides(sd3_dir, run, held_out, **{"model.resolution": 0}))))
+    for override, message in cases.items():
+        capsys.readouterr()
+        assert main(["train", str(recipe), "--set", override]) == 2, override
+        err = capsys.readouterr().err  # loading progress bars, then the error
+        errors = [line for line in err.splitlines() if line.startswith("dgpo: error: ")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, (override, err)
+        assert not run.exists(), override
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = README.parent
+WALKTHROUGH_MARKER = "<!-- your-own-model: tests/test_your_own_model.py runs this block -->"
+# What makes each command tiny; everything else is the README's, as written.
+TINY = {
+    "train": ["--set", "data.group_size=4", "--set", "data.groups_per_step=1", "--set", "data.micro_batch=4", "--set", "rollout.num_steps=2",
+              "--set", "loss.grid_points=2", "--set", "run.max_steps=2", "--set", "run.tensorboard=false", "--set", "run.threads=1",
+              "--set", "eval.num_steps=2", "--set", "eval.every=1", "--set", "eval.images_per_category=4",
+              "--set", "eval.final_images_per_category=4", "--set", "model.lora_rank=4"],
+    "eval": ["--steps", "2", "--images-per-category", "4"],
+    "sample": ["--steps", "2", "--num", "2"],
+    "merge-lora": [],
+}
+
+
+def walkthrough_commands() -> list[str]:
+    """The README's "Your own model" code block, one command per entry (backslash continuations joined)."""
+    text = README.read_text()
+    block = text[text.index(WALKTHROUGH_MARKER):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [command.strip() for command in block.replace("\\\n", " ").splitlines() if command.strip()]
+
+
+def test_the_readme_walkthrough_runs_on_a_tiny_pipeline(sd3_dir, tmp_path, monkeypatch, capsys):
+    """Shell lines (variables, printf) run in bash; dgpo commands in-process, with $VARIABLES expanded and the
+    model variable pointing at the tiny pipeline."""
+    commands = walkthrough_commands()
+    assert [c.split()[1] for c in commands if c.startswith("dgpo ")] == ["train", "eval", "sample", "merge-lora"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    variables = {"MODEL": str(sd3_dir)}
+    for command in commands:
+        if command.startswith("dgpo "):
+            args = shlex.split(command)[1:]
+            for name, value in variables.items():
+                args = [a.replace(f"${name}", value) for a in args]
+            assert main([*args, *TINY[args[0]]]) == 0, command
+        elif re.fullmatch(r"[A-Z_]+=\S+(\s+#.*)?", command):
+            continue  # the README's placeholder for the user's model: the test's is in `variables`
+        else:
+            subprocess.run(["bash", "-c", command], check=True, cwd=tmp_path)
+    printed = capsys.readouterr().out
+    assert "held-out prompts (eval.prompts), before -> after" in printed and "report:  runs/mine/report.md" in printed
+    evaluation = json.loads((tmp_path / "runs" / "mine" / "eval.json").read_text())
+    assert evaluation["adapter"] == "runs/mine" and set(evaluation["rewards"]) == {"jpeg_incompressibility", "jpeg_compressibility"}
+    assert (tmp_path / "cat.png").is_file() and (tmp_path / "my-sd3-tuned" / "model_index.json").is_file()
