@@ -77,13 +77,13 @@ def cmd_compare(args) -> int:
 
 def _eval_config(args):
     """The evaluation settings of `dgpo eval` as a run config, so an evaluator is built as in training
-    (``Evaluator.from_config``): --metrics are the rewards the prompts evaluator scores and eval.metrics."""
+    (``Evaluator.from_config``): --metrics are the rewards the prompts evaluator scores (reward.weights, equally)."""
     from .train.config import load_config
 
     metrics = [m for m in (args.metrics or "").split(",") if m]
     overrides = {
         "model.backend": args.backend, "model.resolution": args.resolution, "eval.evaluator": args.evaluator,
-        "eval.prompts": args.prompts or "", "eval.ood_prompts": args.ood_prompts or "", "eval.metrics": metrics,
+        "eval.prompts": args.prompts or "", "eval.ood_prompts": args.ood_prompts or "",
         "data.micro_batch": args.batch_size,
     }
     if metrics:
@@ -114,8 +114,9 @@ def cmd_eval(args) -> int:
     rows = [f"| {name} | {value:.3f} |" for name, value in result.scores.items()]
     print("\n".join([f"| {evaluator.score_label} | score |", "|---|---|", *rows, f"| **overall** | **{result.overall:.3f}** |"]))
     print("  ".join(f"{name} {value:.4f}" for name, value in result.out_of_domain.items()) + f"  ({result.num_images} images)")
-    scored = metric_means({m: get_reward(m) for m in metrics}, result) if metrics else {}
-    extra_metrics = {m: v for m, v in scored.items() if m not in result.scores}
+    # A metric the evaluator scored already (the prompts evaluator's rewards) is not built or scored again.
+    extra_metrics = metric_means({m: get_reward(m) for m in metrics if m not in result.scores}, result)
+    scored = {m: result.scores[m] if m in result.scores else extra_metrics[m] for m in metrics}
     if extra_metrics:
         print("  ".join(f"{m} {v:.4f}" for m, v in extra_metrics.items()) + "  (--metrics)")
     extra, text = evaluator.diagnostics(result, seed=args.seed)
