@@ -258,3 +258,21 @@ def test_shapes_recipes_and_sweep_variants_load_with_a_valid_layout(recipe):
     d = load_config(recipe).data
     samples = sorted(i for micro in GroupLayout(d.group_size, d.groups_per_step, d.micro_batch).local_samples() for i in micro)
     assert samples == list(range(d.group_size * d.groups_per_step))
+
+
+def test_the_prompt_file_format_is_read_from_its_content_not_its_name(tmp_path):
+    rows = [{"prompt": "a red circle", "metadata": {"category": "colors"}}, {"prompt": "a square"}]
+    jsonl_named_json = tmp_path / "prompts.json"
+    jsonl_named_json.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    listed = tmp_path / "list.txt"
+    listed.write_text(json.dumps(["a red circle", {"prompt": "a square", "metadata": {"n": 1}}], indent=2))
+    for path in (jsonl_named_json, listed):
+        assert [p.text for p in PromptSource.load(str(path)).prompts] == ["a red circle", "a square"]
+    assert PromptSource.load(str(jsonl_named_json)).prompts[0].metadata == {"category": "colors"}
+    text_named_jsonl = tmp_path / "prompts.jsonl"
+    text_named_jsonl.write_text("a red circle\n")
+    with pytest.raises(ValueError, match="named .jsonl but holds no JSON"):
+        PromptSource.load(str(text_named_jsonl))
+    listed.write_text('["a red circle",')
+    with pytest.raises(ValueError, match="not a JSON list"):
+        PromptSource.load(str(listed))

@@ -26,12 +26,21 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default: 4.5)")
 
 
-def _load_shapes_model(args):
-    from .models import load_model
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="shapes", help="model backend: shapes (default), sd3, flux, sana or one a plugin registers")
+    p.add_argument("--model", default="", help="model directory (a diffusers pipeline for sd3/flux/sana; default for shapes: the shipped base model)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter written by `dgpo train`: run_dir/adapter, the run directory or the weights file")
+    p.add_argument("--resolution", type=int, default=0, help="image size in pixels (default 0: the model's native size)")
+    p.add_argument("--batch-size", type=int, default=8, help="images generated at once (default: 8)")
 
-    model = load_model("shapes", args.model)
+
+def _load_model(args):
+    from .models import load_model
+    from .models.merge import load_adapter
+
+    model = load_model(args.backend, args.model, args.resolution)
     if args.adapter:
-        model.transformer.load_lora_adapter(args.adapter, use_safetensors=True)
+        load_adapter(model, args.adapter)
     return model
 
 
@@ -43,7 +52,7 @@ def _settings(args):
 
 def cmd_train(args) -> int:
     from .train.config import config_help, load_config
-    from .train.run import comparison_table, run_training
+    from .train.run import run_training
 
     if args.help_config:
         print(config_help())
@@ -51,17 +60,8 @@ def cmd_train(args) -> int:
     if args.config is None:
         raise ValueError("train needs a CONFIG recipe (e.g. configs/shapes/dgpo.yaml)")
     config = load_config(args.config, args.set or [])
-    summary = run_training(config, resume=args.resume, overwrite=args.overwrite)
-    if summary["status"] != 0:
-        return summary["status"]
-    if summary.get("before") and summary.get("after"):
-        from .evaluators import evaluator_of
-
-        cls = evaluator_of(summary["after"])
-        print(f"\n{cls.title if cls else 'evaluation'}, before -> after\n")
-        print(comparison_table(summary["before"], summary["after"]))
-        print(f"\nreport: {Path(summary['output_dir']) / 'report.md'}")
-    return 0
+    # run_training prints the summary: evaluation before -> after and where the report, adapter and curves are.
+    return run_training(config, resume=args.resume, overwrite=args.overwrite)["status"]
 
 
 def cmd_compare(args) -> int:
@@ -75,25 +75,56 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _eval_config(args):
+    """The evaluation settings of `dgpo eval` as a run config, so an evaluator is built as in training
+    (``Evaluator.from_config``): --metrics are the rewards the prompts evaluator scores (reward.weights, equally)."""
+    from .train.config import load_config
+
+    metrics = [m for m in (args.metrics or "").split(",") if m]
+    overrides = {
+        "model.backend": args.backend, "model.resolution": args.resolution, "eval.evaluator": args.evaluator,
+        "eval.prompts": args.prompts or "", "eval.ood_prompts": args.ood_prompts or "",
+        "data.micro_batch": args.batch_size,
+    }
+    if metrics:
+        overrides["reward.weights"] = {m: 1.0 for m in metrics}
+    config = load_config(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()])
+    return config, metrics
+
+
 def cmd_eval(args) -> int:
     import torch
 
     from .evaluation import save_grid
-    from .evaluators import get_evaluator
+    from .evaluators import NONE, PROMPT_SET, get_evaluator, metric_means, resolve_evaluator
+    from .rewards import get_reward
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _load_shapes_model(args)
+    config, metrics = _eval_config(args)
+    name, why = resolve_evaluator(args.evaluator, args.backend, args.prompts or "")
+    if name == NONE:
+        raise UserError(f"nothing to evaluate: {why}; pass --prompts FILE (a held-out prompt file) and --metrics REWARD[,REWARD]")
+    if name == PROMPT_SET and not metrics:
+        raise UserError("--prompts needs --metrics, the registered rewards to score the images with (see `dgpo rewards`)")
+    model = _load_model(args)
     settings = _settings(args)
-    evaluator = get_evaluator(args.evaluator).from_config(None, model)
+    evaluator = get_evaluator(name).from_config(config, model)
     result = evaluator.evaluate(model, settings, args.images_per_category, seed=args.seed)
     rows = [f"| {name} | {value:.3f} |" for name, value in result.scores.items()]
     print("\n".join([f"| {evaluator.score_label} | score |", "|---|---|", *rows, f"| **overall** | **{result.overall:.3f}** |"]))
     print("  ".join(f"{name} {value:.4f}" for name, value in result.out_of_domain.items()) + f"  ({result.num_images} images)")
+    # A metric the evaluator scored already (the prompts evaluator's rewards) is not built or scored again.
+    extra_metrics = metric_means({m: get_reward(m) for m in metrics if m not in result.scores}, result)
+    scored = {m: result.scores[m] if m in result.scores else extra_metrics[m] for m in metrics}
+    if extra_metrics:
+        print("  ".join(f"{m} {v:.4f}" for m, v in extra_metrics.items()) + "  (--metrics)")
     extra, text = evaluator.diagnostics(result, seed=args.seed)
     if text:
         print(text)
-    out = result.to_dict()
+    out = {"evaluator": name, **result.to_dict()}
+    if scored:
+        out["metrics"] = scored
     out.update(
         **extra,
         sampler=vars(settings),
@@ -113,11 +144,13 @@ def cmd_eval(args) -> int:
 
 def cmd_sample(args) -> int:
     from .evaluation import generate, save_grid
+    from .models.common import check_prompt_lengths
 
-    model = _load_shapes_model(args)
+    model = _load_model(args)
+    check_prompt_lengths(model, args.prompt, "dgpo sample")
     prompts = [p for p in args.prompt for _ in range(args.num)]
     keys = [("sample", args.seed, i) for i in range(len(prompts))]
-    images = generate(model, prompts, keys, _settings(args))
+    images = generate(model, prompts, keys, _settings(args), args.batch_size)
     save_grid(images, prompts, args.output, columns=args.num)
     print(f"wrote {args.output}")
     return 0
@@ -223,16 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser(
-        "eval", help="ShapesEval table of a checkpoint", description="Evaluate a ShapesEval model (plus optional LoRA adapter) on the test prompts."
+        "eval", help="evaluate a model (plus optional LoRA adapter)",
+        description="Evaluate a model (plus optional LoRA adapter): a ShapesEval model on the ShapesEval test prompts, or "
+                    "any backend on a held-out prompt file scored with registered rewards (--prompts FILE --metrics R1,R2).",
     )
-    p.add_argument("--model", default="shipped", help="model directory (default: the shipped base model)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory written by `dgpo train` (run_dir/adapter)")
-    p.add_argument("--images-per-category", type=int, default=96, help="test images per category (default: 96)")
+    _add_model_args(p)
+    p.add_argument("--prompts", help="held-out prompt file (one per line, or JSONL {prompt, metadata}) for the prompts evaluator")
+    p.add_argument("--ood-prompts", help="a second, out-of-domain prompt file (prompts evaluator)")
+    p.add_argument("--metrics", help="comma-separated registered rewards to score the images with (see `dgpo rewards`)")
+    p.add_argument("--images-per-category", type=int, default=96,
+                   help="test images per category (default: 96; prompts evaluator: images over the prompt file, at least 2 per prompt)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--grid", help="write an image grid PNG here")
-    p.add_argument("--evaluator", default="shapes", help="registered evaluator (dgpo.evaluators; default: shapes)")
+    p.add_argument("--evaluator", default="",
+                   help="registered evaluator (dgpo.evaluators; default: the backend's own, shapes for shapes, else prompts with --prompts)")
     _add_sampler_args(p)
     _add_import_arg(p)
     p.set_defaults(fn=cmd_eval)
@@ -240,8 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images for prompts into a PNG grid")
     p.add_argument("prompt", nargs="+", help="prompt text(s)")
     p.add_argument("--num", type=int, default=8, help="images per prompt (default: 8)")
-    p.add_argument("--model", default="shipped")
-    p.add_argument("--adapter", default=None)
+    _add_model_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="samples.png")
     _add_sampler_args(p)

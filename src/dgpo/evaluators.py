@@ -8,7 +8,8 @@ guard), the images with their prompts and metadata (``eval.metrics`` rewards sco
 drift uses them) and a grid selection for the report.
 
 ``eval.evaluator`` picks one; empty picks the evaluator registered as the default for
-``model.backend`` (``shapes`` for the ShapesEval backend), or none (no evaluation). Evaluators
+``model.backend`` (``shapes`` for the ShapesEval backend), else the prompt-set evaluator (``prompts``,
+``dgpo.prompt_set``) when ``eval.prompts`` names a held-out prompt file, else none (no evaluation). Evaluators
 that ship with dgpo register themselves from the plugin modules in :data:`dgpo.registry.PLUGINS`,
 loaded on the registry's first lookup, so general code never imports them.
 """
@@ -17,12 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from .registry import Registry
+from .rewards import as_scores
 from .rollout import SamplerSettings
 
 NONE = "none"
+PROMPT_SET = "prompts"  # the backend-agnostic evaluator of a held-out prompt file (dgpo.prompt_set)
 
 
 @dataclass
@@ -66,10 +70,17 @@ class Evaluator:
     scores_key: ClassVar[str] = "scores"
     out_of_domain: ClassVar[dict[str, str]] = {}
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # the curves' y-axis; None: the scores' own range
 
     @classmethod
     def from_config(cls, config, model) -> "Evaluator":
         return cls()
+
+    @classmethod
+    def reported_metrics(cls, eval_config) -> tuple[str, ...]:
+        """The out-of-domain metrics an evaluation under ``eval_config`` (an ``EvalConfig``) reports: what
+        ``eval.guard_metric`` may watch. All of ``out_of_domain`` unless a subclass needs a setting for some."""
+        return tuple(cls.out_of_domain)
 
     def evaluate(self, model, settings: SamplerSettings, images_per_category: int, seed: int = 0) -> EvalResult:
         raise NotImplementedError
@@ -104,8 +115,8 @@ def available_evaluators() -> list[str]:
     return EVALUATORS.names()
 
 
-def resolve_evaluator(name: str, backend: str) -> tuple[str, str]:
-    """The evaluator a run uses (``"none"`` = no evaluation) and why."""
+def resolve_evaluator(name: str, backend: str, prompts: str = "") -> tuple[str, str]:
+    """The evaluator a run uses (``"none"`` = no evaluation) and why; ``prompts``: ``eval.prompts``."""
     if name:
         if name != NONE:
             EVALUATORS.get(name)
@@ -113,7 +124,23 @@ def resolve_evaluator(name: str, backend: str) -> tuple[str, str]:
     EVALUATORS.names()  # load the plugins, which fill DEFAULT_FOR_BACKEND
     if backend in DEFAULT_FOR_BACKEND:
         return DEFAULT_FOR_BACKEND[backend], f"the default evaluator of model.backend {backend}"
-    return NONE, f"no evaluator is registered as the default for model.backend {backend} and eval.evaluator is empty"
+    if prompts:
+        return PROMPT_SET, f"eval.prompts={prompts}"
+    return NONE, (f"no evaluator is registered as the default for model.backend {backend}, eval.prompts is empty "
+                  "and eval.evaluator is empty")
+
+
+def metric_means(rewards: dict, result: EvalResult) -> dict[str, float]:
+    """Each reward's mean over the evaluation's images (NaN where it applies to none): ``eval.metrics``. A
+    reward the evaluator already scored (one of ``result.scores``) is taken from there, not scored twice."""
+    means = {}
+    for name, reward in rewards.items():
+        if name in result.scores:
+            means[name] = result.scores[name]
+            continue
+        scores = as_scores(reward(result.images, result.prompts, result.metadata), result.num_images, name)
+        means[name] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+    return means
 
 
 def evaluator_of(entry: dict) -> type[Evaluator] | None:

@@ -12,7 +12,7 @@ from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
-PLUGINS: tuple[str, ...] = ("dgpo.shapes.plugin",)
+PLUGINS: tuple[str, ...] = ("dgpo.shapes.plugin", "dgpo.prompt_set")
 _plugins_loaded = False
 
 

@@ -89,6 +89,15 @@ class PipelineAdapter(PipelineLoRA):
                 module.eval().requires_grad_(False)
         return pipeline
 
+    def native_resolution(self, resolution: int) -> int:
+        """``resolution``, or for 0 the checkpoint's native size: the pipeline's ``default_sample_size`` latents
+        (SD3 and SANA: the transformer's ``sample_size``; FLUX: 128) times the VAE scale, as the pipeline samples."""
+        return resolution or self.pipeline.default_sample_size * self.vae_scale
+
+    def prompt_token_limits(self) -> list[tuple[str, object, int]]:
+        """(name, tokenizer, tokens it reads) of each text encoder; subclasses list theirs (see ``check_prompt_lengths``)."""
+        return []
+
     def text_encoders(self) -> list[torch.nn.Module]:
         """The pipeline's text_encoder, text_encoder_2, ... that it has (SD3 may come without T5)."""
         return [module for name, module in self.pipeline.components.items() if name.startswith("text_encoder") and module is not None]
@@ -96,3 +105,19 @@ class PipelineAdapter(PipelineLoRA):
     def to(self, device: torch.device | str) -> PipelineAdapter:
         self.pipeline.to(device)
         return self
+
+
+def check_prompt_lengths(model, prompts: list[str], source: str) -> None:
+    """Refuse a prompt longer than every text encoder of ``model`` reads (``prompt_token_limits``): its end would
+    be cut off without a word. A prompt that only some encoders cut is allowed, as the pipelines allow it (SD3 and
+    FLUX: the CLIP encoders read the first 77 tokens, T5 the rest up to max_sequence_length). Adapters without
+    token limits are not checked (ShapesEval's tokenizer refuses a long prompt itself)."""
+    limits = model.prompt_token_limits() if hasattr(model, "prompt_token_limits") else []
+    if not limits or not prompts:
+        return
+    lengths = [[len(ids) for ids in tokenizer(prompts).input_ids] for _, tokenizer, _ in limits]
+    for index, prompt in enumerate(prompts):
+        if all(counts[index] > limit for counts, (_, _, limit) in zip(lengths, limits)):
+            read = ", ".join(f"{name} {limit} (this prompt: {counts[index]})" for counts, (name, _, limit) in zip(lengths, limits))
+            raise ValueError(f"{source}: prompt {index + 1} ({prompt[:40]!r}...) is longer than any text encoder of this model reads, "
+                             f"in tokens: {read}; shorten it")

@@ -21,8 +21,10 @@ class FluxModel(VAELatents, PipelineAdapter):
 
     pipeline_class = "FluxPipeline"
 
-    def __init__(self, pipeline, resolution: int = 512, guidance: float = 3.5, max_sequence_length: int = 512):
+    def __init__(self, pipeline, resolution: int = 0, guidance: float = 3.5, max_sequence_length: int = 512):
+        """``resolution`` 0: the checkpoint's native size (the pipeline's default, 1024 px for FLUX.1)."""
         super().__init__(pipeline)
+        resolution = self.native_resolution(resolution)
         if resolution % (2 * self.vae_scale):
             raise ValueError(f"model.resolution {resolution} must be a multiple of {2 * self.vae_scale} for this model (2x2 latent packing)")
         self.resolution = resolution
@@ -30,8 +32,12 @@ class FluxModel(VAELatents, PipelineAdapter):
         self.max_sequence_length = max_sequence_length
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, resolution: int = 512, torch_dtype: torch.dtype | None = None) -> FluxModel:
+    def from_pretrained(cls, path: str | Path, resolution: int = 0, torch_dtype: torch.dtype | None = None) -> FluxModel:
         return cls(cls.load_pipeline(path, torch_dtype), resolution)
+
+    def prompt_token_limits(self) -> list[tuple[str, object, int]]:
+        p = self.pipeline
+        return [("CLIP", p.tokenizer, p.tokenizer_max_length), ("T5", p.tokenizer_2, self.max_sequence_length)]
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -25,6 +25,12 @@ def find_lora(path: str | Path) -> Path:
     raise FileNotFoundError(f"no LoRA at {str(path)!r}: expected {LORA_WEIGHTS}, a directory holding it, or a run directory with adapter/{LORA_WEIGHTS}")
 
 
+def load_adapter(model, path: str | Path) -> None:
+    """Load a trained LoRA (see ``find_lora``) into ``model``'s transformer, for sampling or evaluating with it."""
+    weights = find_lora(path)
+    model.transformer.load_lora_adapter(str(weights.parent), weight_name=weights.name, use_safetensors=True)
+
+
 def merge_lora(backend: str, model: str | Path, lora: str | Path, output: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Load ``backend``'s pipeline from the directory ``model``, fuse the LoRA ``lora`` (see ``find_lora``)
     into its transformer and save the pipeline to ``output``, cast to ``dtype`` when given.

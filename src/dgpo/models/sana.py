@@ -63,6 +63,10 @@ class SanaModel(PipelineAdapter):
     def from_pretrained(cls, path: str | Path, resolution: int = 0, torch_dtype: torch.dtype | None = None) -> SanaModel:
         return cls(cls.load_pipeline(path, torch_dtype), resolution)
 
+    def prompt_token_limits(self) -> list[tuple[str, object, int]]:
+        # The pipeline reads max_sequence_length tokens of the prompt after the complex human instruction.
+        return [("Gemma", self.pipeline.tokenizer, self.max_sequence_length)]
+
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return (self.transformer.config.in_channels, self.latent_size, self.latent_size)

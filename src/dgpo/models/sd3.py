@@ -34,16 +34,29 @@ class SD3Model(MMDiTLatents, PipelineAdapter):
 
     pipeline_class = "StableDiffusion3Pipeline"
 
-    def __init__(self, pipeline, resolution: int = 512, max_sequence_length: int = 256):
+    def __init__(self, pipeline, resolution: int = 0, max_sequence_length: int = 256):
+        """``resolution`` 0: the checkpoint's native size (``transformer.config.sample_size`` latents)."""
         PipelineAdapter.__init__(self, pipeline)
-        if resolution % (self.vae_scale * pipeline.transformer.config.patch_size):
-            raise ValueError(f"model.resolution {resolution} must be a multiple of {self.vae_scale * pipeline.transformer.config.patch_size} for this model")
+        config = pipeline.transformer.config
+        native, resolution = self.native_resolution(0), self.native_resolution(resolution)
+        if resolution % (self.vae_scale * config.patch_size):
+            raise ValueError(f"model.resolution {resolution} must be a multiple of {self.vae_scale * config.patch_size} for this model")
+        # The MMDiT crops its positional embedding from a pos_embed_max_size grid of patches: no larger image fits.
+        limit = (config.pos_embed_max_size or 0) * config.patch_size * self.vae_scale
+        if limit and resolution > limit:
+            raise ValueError(f"model.resolution {resolution} is above this model's limit of {limit} px (pos_embed_max_size "
+                             f"{config.pos_embed_max_size} patches); use at most {limit}, or 0 for its native {native}")
         self.latent_size = resolution // self.vae_scale
         self.max_sequence_length = max_sequence_length
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, resolution: int = 512, torch_dtype: torch.dtype | None = None) -> "SD3Model":
+    def from_pretrained(cls, path: str | Path, resolution: int = 0, torch_dtype: torch.dtype | None = None) -> "SD3Model":
         return cls(cls.load_pipeline(path, torch_dtype), resolution)
+
+    def prompt_token_limits(self) -> list[tuple[str, object, int]]:
+        p = self.pipeline
+        limits = [("CLIP", p.tokenizer, p.tokenizer_max_length)]
+        return limits + ([("T5", p.tokenizer_3, self.max_sequence_length)] if p.tokenizer_3 is not None and p.text_encoder_3 is not None else [])
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
         with torch.no_grad():

@@ -22,7 +22,10 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+import torch
 
+from ..diversity import diversity
+from ..diversity import group_diversity as _group_diversity
 from .verifier import to_pixels_hwc
 from .world import BACKGROUND, PALETTE
 
@@ -82,26 +85,11 @@ def artifact_score(images) -> np.ndarray:
 
 
 def diversity_score(images) -> float:
-    """Mean pairwise distance between the images of one prompt's group.
-
-    The distance of two images is the RMS over all pixels and channels of their
-    difference, with pixels in [0, 1] (so it lies in [0, 1]). Averaged over all
-    unordered pairs. It is 0 exactly when every image is the same -- the mode collapse
-    that optimising a verifier reward with a narrow target tends to cause (one
-    memorised layout per prompt) -- and grows as layouts, sizes and free colours vary.
-
-    Needs at least two images (raises ``ValueError`` otherwise).
+    """Mean pairwise distance between the images of one prompt's group (``dgpo.diversity.diversity``, on any of
+    this module's image layouts): 0 exactly when every image is the same, the mode collapse that optimising a
+    verifier reward with a narrow target tends to cause. Needs at least two images (raises ``ValueError`` otherwise).
     """
-    flat = _as_batch_hwc(images) / 255.0
-    n = flat.shape[0]
-    if n < 2:
-        raise ValueError(f"diversity needs at least 2 images, got {n}")
-    flat = flat.reshape(n, -1)
-    total = 0.0
-    for i in range(n - 1):  # O(N) memory; exact zeros for identical images
-        diff = flat[i + 1 :] - flat[i]
-        total += float(np.sqrt((diff**2).mean(axis=1)).sum())
-    return total / (n * (n - 1) / 2)
+    return diversity(torch.from_numpy(_as_batch_hwc(images) / 255.0))
 
 
 def group_diversity(images, group_ids: Sequence[Hashable]) -> float:
@@ -110,14 +98,6 @@ def group_diversity(images, group_ids: Sequence[Hashable]) -> float:
     ``group_ids[i]`` names the group (typically the prompt) of ``images[i]``. Groups with a
     single image have no pairs and are ignored. Returns NaN when no group has 2 images.
     """
-    batch = _as_batch_hwc(images)
     if hasattr(group_ids, "detach"):
         group_ids = group_ids.detach().cpu().tolist()
-    group_ids = list(group_ids)
-    if len(group_ids) != batch.shape[0]:
-        raise ValueError(f"{len(group_ids)} group ids for {batch.shape[0]} images")
-    members: dict[Hashable, list[int]] = {}
-    for index, gid in enumerate(group_ids):
-        members.setdefault(gid, []).append(index)
-    scores = [diversity_score(batch[idx] / 255.0) for idx in members.values() if len(idx) >= 2]
-    return float(np.mean(scores)) if scores else float("nan")
+    return _group_diversity(torch.from_numpy(_as_batch_hwc(images) / 255.0), list(group_ids))

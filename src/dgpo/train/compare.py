@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
-from ..evaluators import out_of_domain_of, scores_of  # noqa: E402
+from ..evaluators import NONE, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
 from .config import load_config  # noqa: E402
 from .run import run_training  # noqa: E402
 
@@ -51,6 +51,14 @@ def parse_recipe(text: str) -> tuple[str, Path]:
     if not name or not path:
         raise ValueError(f"recipe {text!r} must be NAME=PATH or PATH")
     return name, Path(path)
+
+
+def check_evaluates(name: str, recipe: Path, overrides: list[str]) -> None:
+    """A comparison is of evaluation curves: refuse a recipe whose runs would not evaluate, before any training."""
+    config = load_config(recipe, overrides)
+    evaluator, why = resolve_evaluator(config.eval.evaluator, config.model.backend, config.eval.prompts)
+    if evaluator == NONE:
+        raise UserError(f"recipe {name} ({recipe}) has no evaluation to compare: {why}; set eval.prompts to a held-out prompt file")
 
 
 def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides: list[str], reuse: bool, seed: int = 0, log=print) -> list[dict]:
@@ -260,6 +268,8 @@ def run_comparison(
         raise ValueError(f"baseline {baseline!r} is not one of the recipes {names}")
     if budget.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {budget.seeds}")
+    for name, path in recipes:
+        check_evaluates(name, path, list(overrides))
     output.mkdir(parents=True, exist_ok=True)
     curves = {
         name: {seed: curve_rows(name, run_recipe(name, path, output, budget, list(overrides), reuse, seed, log), seed) for seed in range(budget.seeds)}

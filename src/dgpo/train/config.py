@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ..evaluators import EVALUATORS, NONE, resolve_evaluator
+from ..evaluators import EVALUATORS, NONE, PROMPT_SET, resolve_evaluator
 from ..sampling import SAMPLER_REGISTRY, sampler_check
 from .algorithms import ADVANTAGES, ALGORITHMS
 from .optim import OPTIMIZERS
@@ -39,10 +39,10 @@ class ConfigError(ValueError):
     """A configuration problem, stated in one line."""
 
 
-def evaluator_metrics(evaluator: str, backend: str) -> tuple[str, ...]:
+def evaluator_metrics(eval_config: EvalConfig, backend: str) -> tuple[str, ...]:
     """The out-of-domain metrics the run's evaluator reports (what eval.guard_metric may watch besides eval.metrics)."""
-    name, _ = resolve_evaluator(evaluator, backend)
-    return () if name == NONE else tuple(EVALUATORS.get(name).out_of_domain)
+    name, _ = resolve_evaluator(eval_config.evaluator, backend, eval_config.prompts)
+    return () if name == NONE else EVALUATORS.get(name).reported_metrics(eval_config)
 
 
 @dataclass
@@ -140,9 +140,12 @@ class Config(Freezable):
             (e.every >= 0, f"eval.every must be >= 0, got {e.every}"),
             (e.guard_action in ("stop", "raise_kl"), f"eval.guard_action must be stop or raise_kl, got {e.guard_action!r}"),
             (e.guard_max_drop > 0, f"eval.guard_max_drop must be > 0, got {e.guard_max_drop}"),
-            (e.guard_metric in ("", *evaluator_metrics(e.evaluator, self.model.backend), *e.metrics),
+            (e.guard_metric in ("", *evaluator_metrics(e, self.model.backend), *e.metrics),
              f"eval.guard_metric {e.guard_metric!r} must be one of the evaluator's metrics "
-             f"{list(evaluator_metrics(e.evaluator, self.model.backend))} or of eval.metrics {e.metrics}"),
+             f"{list(evaluator_metrics(e, self.model.backend))} or of eval.metrics {e.metrics}"),
+            (resolve_evaluator(e.evaluator, m.backend, e.prompts)[0] != PROMPT_SET or bool(e.prompts),
+             f"eval.evaluator={PROMPT_SET} needs eval.prompts, a held-out prompt file"),
+            (not e.ood_prompts or bool(e.prompts), "eval.ood_prompts needs eval.prompts (the prompts evaluator's held-out prompt file)"),
             (e.num_steps >= 1, f"eval.num_steps must be >= 1, got {e.num_steps}"),
             (e.images_per_category >= 1, f"eval.images_per_category must be >= 1, got {e.images_per_category}"),
             (e.final_images_per_category >= 1, f"eval.final_images_per_category must be >= 1, got {e.final_images_per_category}"),

@@ -45,6 +45,36 @@ def register_prompt_source(name: str):
     return PROMPT_SOURCES.register(name)
 
 
+def _prompt_from_row(row, where: str) -> Prompt:
+    if isinstance(row, str):
+        return Prompt(row, {})
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise ValueError(f"{where}: expected a JSON object with a text 'prompt' field")
+    metadata = row.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: 'metadata' must be a JSON object")
+    return Prompt(row["prompt"], metadata)
+
+
+def _json_prompt(line: str, where: str) -> Prompt:
+    """One JSON-lines row: a {prompt, metadata} object."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        row = None
+    return _prompt_from_row(row if isinstance(row, dict) else None, where)
+
+
+def _json_list_prompts(text: str, spec: str) -> list[Prompt]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{spec}: starts with '[' but is not a JSON list: {exc}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{spec}: expected a JSON list of prompts")
+    return [_prompt_from_row(row, f"{spec}[{i}]") for i, row in enumerate(rows)]
+
+
 class PromptSource:
     def __init__(self, prompts: list[Prompt], name: str):
         if not prompts:
@@ -54,31 +84,24 @@ class PromptSource:
 
     @classmethod
     def load(cls, spec: str) -> "PromptSource":
-        """A registered prompt source ('shapes:train', 'shapes:test'), a .txt file (one prompt per line)
-        or a .jsonl file of {prompt, metadata}."""
+        """A registered prompt source ('shapes:train', 'shapes:test') or a prompt file, whose format is read from its
+        content, not its name: a JSON list (of prompts or {prompt, metadata} objects), JSON lines (a first line
+        starting with '{': one {prompt, metadata} object per line), or else text, one prompt per line."""
         if spec in PROMPT_SOURCES:
             return cls(PROMPT_SOURCES.get(spec)(), spec)
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {spec} (or use a registered prompt source: {' / '.join(PROMPT_SOURCES.names())})")
-        prompts = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    row = None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise ValueError(f"{spec}:{number}: expected a JSON object with a text 'prompt' field")
-                metadata = row.get("metadata") or {}
-                if not isinstance(metadata, dict):
-                    raise ValueError(f"{spec}:{number}: 'metadata' must be a JSON object")
-                prompts.append(Prompt(row["prompt"], metadata))
-            else:
-                prompts.append(Prompt(line.strip(), {}))
-        return cls(prompts, spec)
+        text = path.read_text()
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        if text.lstrip().startswith("["):
+            return cls(_json_list_prompts(text, spec), spec)
+        if lines and lines[0][1].lstrip().startswith("{"):
+            return cls([_json_prompt(line, f"{spec}:{number}") for number, line in lines], spec)
+        if lines and path.suffix in (".json", ".jsonl"):
+            raise ValueError(f"{spec} is named {path.suffix} but holds no JSON (its first line does not start with '{{' or '['); "
+                             "rename a text file of prompts to .txt")
+        return cls([Prompt(line.strip(), {}) for _, line in lines], spec)
 
     def for_step(self, seed: int, step: int, count: int) -> list[Prompt]:
         """The ``count`` prompts of ``step``: consecutive slices of seeded per-epoch permutations."""

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..models import load_model
 from ..models.base import index_embeddings
+from ..models.common import check_prompt_lengths
 from ..rewards import get_reward
 from .algorithms import UpdateContext, get_advantage, get_algorithm
 from .checkpoint import (
@@ -84,6 +85,7 @@ class Trainer:
         self.eval_rewards = {name: get_reward(name) for name in config.eval.metrics}
         self.output = Path(config.run.output_dir)
         model = model or load_model(config.model.backend, config.model.path, config.model.resolution)
+        check_prompt_lengths(model, [p.text for p in self.prompts.prompts], f"data.prompts {d.prompts}")
         self.sharding = SHARDINGS.get(config.model.sharding)
         shard = self.sharding.wrapper(self.acc.device, config.model.mixed_precision, config.model.cpu_offload)
         self.policy = Policy(model.to(self.acc.device), config, [p.text for p in self.prompts.prompts], shard)

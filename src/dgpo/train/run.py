@@ -8,15 +8,23 @@ import time
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..evaluation import SamplerSettings, save_grid, velocity_drift  # noqa: E402
-from ..evaluators import NONE, EvalResult, Evaluator, evaluator_of, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
-from ..rewards import as_scores  # noqa: E402
+from ..evaluators import (  # noqa: E402
+    NONE,
+    EvalResult,
+    Evaluator,
+    evaluator_of,
+    get_evaluator,
+    metric_means,
+    out_of_domain_of,
+    resolve_evaluator,
+    scores_of,
+)
 from .algorithms import get_algorithm  # noqa: E402
 from .config import Config  # noqa: E402
 from .loop import Trainer  # noqa: E402
@@ -35,9 +43,9 @@ LOWER_IS_BETTER = frozenset({"artifact"})
 def build_evaluator(trainer: Trainer, log=print) -> Evaluator | None:
     """The run's evaluator (``eval.evaluator``, or the default for ``model.backend``); None, with a log line saying why, when off."""
     config = trainer.config
-    name, why = resolve_evaluator(config.eval.evaluator, config.model.backend)
+    name, why = resolve_evaluator(config.eval.evaluator, config.model.backend, config.eval.prompts)
     if name == NONE:
-        log(f"evaluation is off: {why} (set eval.evaluator to one of the registered evaluators to evaluate)")
+        log(f"evaluation is off: {why} (set eval.prompts to a held-out prompt file, or eval.evaluator to a registered evaluator, to evaluate)")
         return None
     return get_evaluator(name).from_config(config, trainer.policy.model)
 
@@ -56,9 +64,8 @@ def evaluate(trainer: Trainer, evaluator: Evaluator, images_per_category: int, g
         save_grid(result.grid.images, result.grid.labels, grid_path, passed=result.grid.passed)
     out = {"evaluator": evaluator.name, **result.to_dict()}
     out["velocity_drift"] = drift
-    for name, reward in trainer.eval_rewards.items():
-        scores = as_scores(reward(images, texts, result.metadata), len(texts), name)
-        out.setdefault("metrics", {})[name] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+    if trainer.eval_rewards:
+        out["metrics"] = metric_means(trainer.eval_rewards, result)
     return out
 
 
@@ -105,8 +112,8 @@ def apply_guard(trainer: Trainer, before: dict, now: dict, log, lower_is_better:
 
 
 def plot_curves(history: list[dict], evals: list[dict], path: Path, algorithm: str = "dgpo") -> None:
-    """Training reward, the algorithm's loss curves (as it registered them) and the evaluator's scores."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    """Training reward, the algorithm's loss curves (as it registered them) and, when the run evaluated, the evaluator's scores."""
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(13 if evals else 9, 3.5))
     steps = [h["step"] for h in history]
     axes[0].plot(steps, [h["reward_mean"] for h in history])
     axes[0].set(title="training reward (mean over rollouts)", xlabel="step")
@@ -119,7 +126,9 @@ def plot_curves(history: list[dict], evals: list[dict], path: Path, algorithm: s
         for c in scores_of(evals[0]):
             axes[2].plot([e["step"] for e in evals], [scores_of(e).get(c, float("nan")) for e in evals], alpha=0.5, label=c)
         cls = evaluator_of(evals[0])
-        axes[2].set(title=f"{cls.title if cls else 'evaluation'} score", xlabel="step", ylim=(0, 1))
+        axes[2].set(title=f"{cls.title if cls else 'evaluation'} score", xlabel="step")
+        if cls is None or cls.score_range is not None:
+            axes[2].set_ylim(*(cls.score_range if cls else (0, 1)))
         axes[2].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -139,6 +148,9 @@ def comparison_table(before: dict, after: dict) -> str:
     after_ood = out_of_domain_of(after)
     for name, value in out_of_domain_of(before).items():
         rows.append(f"| {labels.get(name, name)} | {value:.4f} | {after_ood.get(name, float('nan')):.4f} |")
+    after_metrics = after.get("metrics", {})
+    for name, value in before.get("metrics", {}).items():
+        rows.append(f"| {name} (eval.metrics) | {value:.4f} | {after_metrics.get(name, float('nan')):.4f} |")
     return "\n".join(rows)
 
 
@@ -160,16 +172,17 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
     A new run refuses a non-empty ``run.output_dir`` unless ``overwrite``, which empties it first.
     """
     check_run_directory(Path(config.run.output_dir), resume, overwrite)
+    # The model, prompts and evaluator load (and fail, on bad input) before the run directory is touched.
     trainer = Trainer(config, log=log)
+    main = trainer.acc.is_main_process
+    quiet = log if main else (lambda *args: None)
+    # A sharded model's forwards are collectives: then every process runs the evaluation (the same images) and the main one writes.
+    evaluator = build_evaluator(trainer, quiet) if main or trainer.sharding.sharded else None
     out = trainer.output
     if overwrite and trainer.acc.is_main_process:
         shutil.rmtree(out, ignore_errors=True)
     trainer.acc.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
-    main = trainer.acc.is_main_process
-    quiet = log if main else (lambda *args: None)
-    # A sharded model's forwards are collectives: then every process runs the evaluation (the same images) and the main one writes.
-    evaluator = build_evaluator(trainer, quiet) if main or trainer.sharding.sharded else None
     evals_path = out / "evals.json"
     evals: list[dict] = json.loads(evals_path.read_text()) if resume and evals_path.exists() else []
 
@@ -204,6 +217,8 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
     status = trainer.train(resume=resume, on_step=periodic)
     summary = {"status": status, "steps": trainer.counters.step, "output_dir": str(out)}
     if status != 0:
+        log(f"\nthe run stopped at step {trainer.counters.step} with status {status}; its checkpoints are in {out} "
+            "(continue with --resume)")
         return summary
     after = run_eval(config.eval.final_images_per_category, "after")
     trainer.export_adapter(out / "adapter")
@@ -220,8 +235,21 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
         )
         (out / "results.json").write_text(json.dumps(summary, indent=1))
         write_report(out, config, summary)
+        log("\n" + run_summary(out, summary, evaluator is not None))
     trainer.acc.wait_for_everyone()
     return summary
+
+
+def run_summary(out: Path, summary: dict, evaluated: bool) -> str:
+    """What a finished run prints last: its length, the evaluation before -> after, and where its files are."""
+    lines = [f"run finished: {summary['optimizer_steps']} optimizer steps, {summary['wall_clock_seconds']:.0f} s of training"]
+    if summary.get("before") and summary.get("after"):
+        cls = evaluator_of(summary["after"])
+        lines += ["", f"{cls.title if cls else 'evaluation'}, before -> after", "", comparison_table(summary["before"], summary["after"]), ""]
+    elif not evaluated:
+        lines.append("evaluation: off (set eval.prompts to a held-out prompt file to evaluate before and after)")
+    lines += [f"report:  {out / 'report.md'}", f"adapter: {out / 'adapter'}", f"curves:  {out / 'curves.png'}"]
+    return "\n".join(lines)
 
 
 def write_report(out: Path, config: Config, summary: dict) -> None:
@@ -235,17 +263,13 @@ def write_report(out: Path, config: Config, summary: dict) -> None:
     if summary.get("before") and summary.get("after"):
         cls = evaluator_of(summary["after"])
         lines += [f"## {cls.title if cls else 'Evaluation'}", "", comparison_table(summary["before"], summary["after"]), ""]
+    lines += ["## Curves", "", "![curves](curves.png)", ""]
+    grids = [(tag, f"grid_{tag}.png") for tag in ("before", "after") if (out / f"grid_{tag}.png").is_file()]
+    if grids:
+        lines += ["## Samples before / after", ""]
+        for tag, name in grids:
+            lines += [f"![{tag}]({name})", ""]
     lines += [
-        "## Curves",
-        "",
-        "![curves](curves.png)",
-        "",
-        "## Samples before / after",
-        "",
-        "![before](grid_before.png)",
-        "",
-        "![after](grid_after.png)",
-        "",
         "## Config",
         "",
         "```yaml",

@@ -32,8 +32,8 @@ def _help(text: str, **kwargs):
 class ModelConfig(Freezable):
     backend: str = _help("model adapter: shapes (the built-in ShapesEval model), sd3, flux, sana", default="shapes")
     path: str = _help("model directory or hub id; 'shipped' = the ShapesEval model inside the package", default="shipped")
-    resolution: int = _help("image size in pixels for diffusers backends (0 = the backend's default: sd3 and flux 512, sana the "
-                            "checkpoint's native size, shapes 32)", default=0)
+    resolution: int = _help("image size in pixels (0 = the checkpoint's native size: sd3 and sana the transformer's sample_size "
+                            "latents times the VAE scale, flux 1024, shapes 32)", default=0)
     lora_rank: int = _help("LoRA rank; 0 trains all transformer weights", default=16)
     lora_alpha: float = _help("LoRA alpha (scale = alpha / rank)", default=32.0)
     lora_targets: list[str] = _help("module names LoRA wraps; empty = the adapter's attention projections", default_factory=list)
@@ -141,11 +141,18 @@ class OptimConfig(Freezable):
 @dataclass
 class EvalConfig(Freezable):
     evaluator: str = _help("registered evaluator run before, during (eval.every) and after training (dgpo.evaluators.EVALUATORS); "
-                           "empty = the default for model.backend (shapes for the shapes backend, none otherwise), none = no evaluation",
-                           default="")
+                           "empty = the default for model.backend (shapes for the shapes backend), else prompts when eval.prompts "
+                           "is set, else none; none = no evaluation", default="")
+    prompts: str = _help("held-out prompt file (one prompt per line, or JSONL {prompt, metadata}) or registered prompt source for "
+                         "the prompt-set evaluator (prompts): it scores the training rewards (reward.weights) on these prompts, "
+                         "overall = their weighted sum, and within-prompt diversity as an out-of-domain metric", default="")
+    ood_prompts: str = _help("prompts evaluator: a second, out-of-domain prompt file; its reward (ood_reward) and diversity "
+                             "(ood_diversity) are out-of-domain metrics (empty = none)", default="")
     every: int = _help("evaluate on the test prompts every N steps (0 = only before and after)", default=0)
-    images_per_category: int = _help("test images per category for periodic evaluation", default=96)
-    final_images_per_category: int = _help("test images per category for the before/after evaluation", default=96)
+    images_per_category: int = _help("test images per category for periodic evaluation (prompts evaluator: images over the whole "
+                                     "prompt file, at least 2 per prompt)", default=96)
+    final_images_per_category: int = _help("test images per category for the before/after evaluation (prompts evaluator: as "
+                                           "images_per_category)", default=96)
     ema_decay: float = _help("decay of the evaluation EMA of the policy (0 = evaluate the raw policy; reference code 0.9). After n steps "
                              "it updates with decay min(ema_decay, (1 + n) / (10 + n)), as the reference's EMA warms up; it is "
                              "evaluated, checkpointed and exported beside the adapter (adapter_ema/)", default=0.0)

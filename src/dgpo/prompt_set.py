@@ -1,0 +1,120 @@
+"""The prompt-set evaluator (``prompts``): any backend, on a held-out prompt file, scored with registered rewards.
+
+It generates a few deterministic images per held-out prompt (``eval.prompts``) and scores them with the
+run's training rewards (``reward.weights``, with ``reward.options``): each reward's mean is a score, and
+``overall`` is their weighted sum, the training objective on prompts the run never trains on. Out of
+domain it reports within-prompt diversity (mode collapse is what a reward scoring images one at a time
+cannot see) and, given a second prompt file (``eval.ood_prompts``), the reward and diversity there.
+Registered through :data:`dgpo.registry.PLUGINS`; the default evaluator of every backend without its own
+when ``eval.prompts`` is set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .diversity import group_diversity
+from .evaluation import generate
+from .evaluators import PROMPT_SET, EvalResult, Evaluator, GridSelection, register_evaluator
+from .models.common import check_prompt_lengths
+from .rewards import as_scores, combine_rewards, get_reward
+from .rollout import SamplerSettings
+from .train.data import Prompt, PromptSource
+
+GRID_PROMPTS = 8
+GRID_IMAGES_PER_PROMPT = 4
+MIN_IMAGES_PER_PROMPT = 2  # diversity needs two images of a prompt
+
+
+def images_per_prompt(images: int, prompts: int) -> int:
+    """``images`` spread over the prompt file, at least ``MIN_IMAGES_PER_PROMPT`` each."""
+    return max(MIN_IMAGES_PER_PROMPT, math.ceil(images / prompts))
+
+
+@dataclass
+class ScoredSet:
+    images: torch.Tensor
+    prompts: list[Prompt]
+    scores: dict[str, np.ndarray]  # reward name -> per-image scores
+    overall: float
+    diversity: float
+
+
+@register_evaluator(PROMPT_SET)
+class PromptSetEvaluator(Evaluator):
+    """Held-out prompts: each reward's mean, overall = their weighted sum; out of domain, within-prompt diversity
+    (and the reward and diversity on a second prompt file)."""
+
+    title = "held-out prompts (eval.prompts)"
+    score_label = "reward"
+    scores_key = "rewards"
+    out_of_domain = {"diversity": "diversity within prompt", "ood_reward": "out-of-domain prompts: reward",
+                     "ood_diversity": "out-of-domain prompts: diversity within prompt"}
+    score_range = None  # rewards have their own units
+
+    def __init__(self, prompts: PromptSource, rewards: dict, weights: dict[str, float], ood_prompts: PromptSource | None = None,
+                 batch_size: int = 8):
+        self.prompts, self.rewards, self.weights, self.ood_prompts, self.batch_size = prompts, rewards, weights, ood_prompts, batch_size
+
+    @classmethod
+    def from_config(cls, config, model) -> PromptSetEvaluator:
+        e, r = config.eval, config.reward
+        rewards = {name: get_reward(name, **r.options.get(name, {})) for name in r.weights}
+        sources = {field: PromptSource.load(spec) for field, spec in (("eval.prompts", e.prompts), ("eval.ood_prompts", e.ood_prompts)) if spec}
+        for field, source in sources.items():
+            check_prompt_lengths(model, [p.text for p in source.prompts], f"{field} {source.name}")
+        # Rollouts of data.micro_batch images fit in memory, so evaluation batches of that size do.
+        return cls(sources["eval.prompts"], rewards, dict(r.weights), sources.get("eval.ood_prompts"), config.data.micro_batch)
+
+    @classmethod
+    def reported_metrics(cls, eval_config) -> tuple[str, ...]:
+        return tuple(cls.out_of_domain) if eval_config.ood_prompts else ("diversity",)
+
+    def score_set(self, model, settings: SamplerSettings, source: PromptSource, images: int, seed: int, tag: str) -> ScoredSet:
+        """Images of every prompt of ``source`` (keyed by ``tag``, seed, prompt and image), scored by each reward."""
+        per_prompt = images_per_prompt(images, len(source.prompts))
+        prompts = [p for p in source.prompts for _ in range(per_prompt)]
+        keys = [(tag, seed, i // per_prompt, i % per_prompt) for i in range(len(prompts))]
+        generated = generate(model, [p.text for p in prompts], keys, settings, self.batch_size)
+        scores = {name: np.zeros(0) for name in self.rewards}
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start : start + self.batch_size]
+            for name, reward in self.rewards.items():
+                raw = reward(generated[start : start + len(chunk)], [p.text for p in chunk], [p.metadata for p in chunk])
+                scores[name] = np.concatenate([scores[name], as_scores(raw, len(chunk), name)])
+        combined = combine_rewards(scores, self.weights)
+        overall = float(np.nanmean(combined)) if np.isfinite(combined).any() else float("nan")
+        return ScoredSet(generated, prompts, scores, overall, group_diversity(generated, [i // per_prompt for i in range(len(prompts))]))
+
+    def evaluate(self, model, settings: SamplerSettings, images_per_category: int, seed: int = 0) -> EvalResult:
+        held_out = self.score_set(model, settings, self.prompts, images_per_category, seed, "eval")
+        out_of_domain = {"diversity": held_out.diversity}
+        if self.ood_prompts is not None:
+            ood = self.score_set(model, settings, self.ood_prompts, images_per_category, seed, "eval-ood")
+            out_of_domain.update(ood_reward=ood.overall, ood_diversity=ood.diversity)
+        texts = [p.text for p in held_out.prompts]
+        return EvalResult(
+            overall=held_out.overall,
+            scores={name: float(np.nanmean(s)) if np.isfinite(s).any() else float("nan") for name, s in held_out.scores.items()},
+            out_of_domain=out_of_domain,
+            images=held_out.images,
+            prompts=texts,
+            metadata=[p.metadata for p in held_out.prompts],
+            grid=grid_selection(held_out.images, texts),
+            scores_key=self.scores_key,
+        )
+
+
+def grid_selection(images: torch.Tensor, prompts: list[str]) -> GridSelection:
+    """Up to ``GRID_IMAGES_PER_PROMPT`` images of each of the first ``GRID_PROMPTS`` prompts."""
+    chosen, counts = [], {}
+    for index, prompt in enumerate(prompts):
+        if prompt not in counts and len(counts) == GRID_PROMPTS:
+            break
+        counts[prompt] = counts.get(prompt, 0) + 1
+        if counts[prompt] <= GRID_IMAGES_PER_PROMPT:
+            chosen.append(index)
+    return GridSelection(images[chosen], [prompts[i] for i in chosen])
