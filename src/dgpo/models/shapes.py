@@ -167,7 +167,7 @@ def bidirectional_text_encoder(tokenizer: WordTokenizer) -> T5EncoderModel:
     Each head copies what it sees (one-hot words) into its own block of the output, beside the token's own
     word: [word | previous word | mean of words before | mean of words after]. So "which colour goes with
     which shape", "how many" and "which side" are each linear in the token of the shape they are about.
-    The pooled output (``bidirectional_pooled``) is the <eos> token's, whose "words before" is the prompt.
+    The pooled output (``bidirectional_features``) is the <eos> token's, whose "words before" is the prompt.
     Deterministic; never trained.
     """
     block = 1 << (tokenizer.vocab_size - 1).bit_length()
@@ -226,10 +226,6 @@ def load_text_encoder(path: Path):
     if architecture not in TEXT_ENCODER_CLASSES:
         raise ValueError(f"{path}: unsupported text encoder {architecture!r}; expected one of {', '.join(TEXT_ENCODER_CLASSES)}")
     return TEXT_ENCODER_CLASSES[architecture][0].from_pretrained(path)
-
-
-def text_width(encoder) -> int:
-    return encoder.config.hidden_size if isinstance(encoder, CLIPTextModel) else encoder.config.d_model
 
 
 def with_text_width(transformer: SD3Transformer2DModel, width: int) -> SD3Transformer2DModel:

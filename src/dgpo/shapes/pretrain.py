@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.shapes import ShapesModel, WordTokenizer, bidirectional_text_encoder, orthogonal_text_encoder, text_width, with_text_width
+from ..models.shapes import ShapesModel, WordTokenizer, bidirectional_text_encoder, orthogonal_text_encoder, with_text_width
 from ..seeding import keyed_generator, stable_seed
 from ..train.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .captions import CaptionModel, caption_scene
@@ -259,7 +259,7 @@ def _starting_model(cfg: PretrainConfig, pool: Pool, log) -> ShapesModel:
         # Deterministic: continuing a model that already has this encoder rebuilds the very same one.
         model.tokenizer = WordTokenizer(vocabulary(), model.tokenizer.max_length)
         model.text_encoder = FIXED_TEXT_ENCODERS[cfg.text_encoder](model.tokenizer)
-        model.transformer = with_text_width(model.transformer, text_width(model.text_encoder))
+        model.transformer = with_text_width(model.transformer, model.text_encoder.config.hidden_size)  # T5's config maps hidden_size to d_model
     return model
 
 
