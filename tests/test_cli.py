@@ -98,3 +98,12 @@ def test_user_errors_are_one_line_and_anything_else_keeps_its_traceback(monkeypa
         monkeypatch.setattr(cli, "cmd_rewards", fails_with(unexpected))
         with pytest.raises(type(unexpected)):
             main(["rewards"])
+
+
+def test_an_unknown_pretraining_text_encoder_is_one_line_naming_the_known_ones(tmp_path, capsys):
+    output = tmp_path / "base"
+    assert main(["pretrain-shapes", "--output", str(output), "--text-encoder", "bert"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "'bert'" in error
+    assert all(name in error for name in ("bidirectional", "orthogonal", "trained"))
+    assert not output.exists()

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue-from", default="", help="train the denoiser of this saved model further (skips the autoencoder)")
     p.add_argument(
-        "--text-encoder", default="bidirectional", choices=("bidirectional", "orthogonal", "trained"),
+        "--text-encoder", default="bidirectional",
         help="bidirectional: a fixed T5 encoder whose tokens state their word, the word before and the words on either side; "
         "orthogonal: a fixed causal CLIP encoder whose words and positions are distinct (each replaces a continued model's); "
         "trained: a CLIP text encoder trained with the denoiser, as the first base model had (default: bidirectional)",
