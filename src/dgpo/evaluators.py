@@ -73,7 +73,9 @@ class Evaluator:
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # the curves' y-axis; None: the scores' own range
 
     @classmethod
-    def from_config(cls, config, model) -> "Evaluator":
+    def from_config(cls, config, model, rewards: dict | None = None) -> "Evaluator":
+        """The evaluator for a run's ``config`` and ``model``. ``rewards``: the run's training rewards, already
+        built (name -> callable), for an evaluator that scores with them; None builds nothing."""
         return cls()
 
     @classmethod

@@ -60,9 +60,10 @@ class PromptSetEvaluator(Evaluator):
         self.prompts, self.rewards, self.weights, self.ood_prompts, self.batch_size = prompts, rewards, weights, ood_prompts, batch_size
 
     @classmethod
-    def from_config(cls, config, model) -> PromptSetEvaluator:
+    def from_config(cls, config, model, rewards: dict | None = None) -> PromptSetEvaluator:
         e, r = config.eval, config.reward
-        rewards = {name: get_reward(name, **r.options.get(name, {})) for name in r.weights}
+        # A run passes its training rewards: a reward model loads once.
+        rewards = rewards if rewards is not None else {name: get_reward(name, **r.options.get(name, {})) for name in r.weights}
         sources = {field: PromptSource.load(spec) for field, spec in (("eval.prompts", e.prompts), ("eval.ood_prompts", e.ood_prompts)) if spec}
         for field, source in sources.items():
             check_prompt_lengths(model, [p.text for p in source.prompts], f"{field} {source.name}")

@@ -47,7 +47,7 @@ def build_evaluator(trainer: Trainer, log=print) -> Evaluator | None:
     if name == NONE:
         log(f"evaluation is off: {why} (set eval.prompts to a held-out prompt file, or eval.evaluator to a registered evaluator, to evaluate)")
         return None
-    return get_evaluator(name).from_config(config, trainer.policy.model)
+    return get_evaluator(name).from_config(config, trainer.policy.model, rewards=trainer.scorer.rewards)
 
 
 def evaluate(trainer: Trainer, evaluator: Evaluator, images_per_category: int, grid_path: Path | None = None) -> dict:
