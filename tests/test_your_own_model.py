@@ -157,6 +157,9 @@ def test_eval_and_sample_take_any_backend_and_compare_runs_or_refuses_its_recipe
     capsys.readouterr()
     assert main(["compare", f"a={recipe}", "--set", "eval.prompts=", "--output", str(tmp_path / "cmp2")]) == 2
     assert "recipe a" in capsys.readouterr().err and not (tmp_path / "cmp2").exists()
+    # A reward has its own units: no default threshold to time.
+    assert main(["compare", f"a={recipe}", "--output", str(tmp_path / "cmp3")]) == 2
+    assert "pass --threshold" in capsys.readouterr().err and not (tmp_path / "cmp3").exists()
 
 
 def config_from_overrides(overrides: list[str]) -> dict:

@@ -69,7 +69,7 @@ def cmd_compare(args) -> int:
 
     recipes = [parse_recipe(text) for text in args.recipes]
     budget = Budget(args.budget_steps, args.budget_seconds, args.budget_forwards, args.eval_every, args.eval_images, args.seeds)
-    summary = run_comparison(recipes, Path(args.output), budget, args.threshold or [0.45, 0.5], args.set or [], args.baseline, args.reuse)
+    summary = run_comparison(recipes, Path(args.output), budget, args.threshold, args.set or [], args.baseline, args.reuse)
     print(markdown_summary(summary))
     print(f"\nwrote {args.output}/curves.csv, curves.png, summary.json, summary.md")
     return 0
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "hardware (default: no limit)")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (default: 10)")
     p.add_argument("--eval-images", type=int, default=24, help="test images per category per evaluation (default: 24)")
-    p.add_argument("--threshold", type=float, action="append", help="ShapesEval overall thresholds to time (repeatable; default 0.45 and 0.5)")
+    p.add_argument("--threshold", type=float, action="append", help="overall scores to time (repeatable; default: the evaluator's own, ShapesEval 0.7 and 0.8)")
     p.add_argument("--baseline", help="recipe the ratios are relative to (default: the first)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override applied to every recipe (repeatable)")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in OUTPUT/runs whose config matches")

@@ -71,6 +71,7 @@ class Evaluator:
     out_of_domain: ClassVar[dict[str, str]] = {}
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # the curves' y-axis; None: the scores' own range
+    default_thresholds: ClassVar[tuple[float, ...]] = ()  # `dgpo compare`'s overall scores to time without --threshold
 
     @classmethod
     def from_config(cls, config, model, rewards: dict | None = None) -> "Evaluator":

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
-from ..evaluators import NONE, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
+from ..evaluators import NONE, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
 from .config import load_config  # noqa: E402
 from .run import run_training  # noqa: E402
 
@@ -53,12 +53,24 @@ def parse_recipe(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def check_evaluates(name: str, recipe: Path, overrides: list[str]) -> None:
-    """A comparison is of evaluation curves: refuse a recipe whose runs would not evaluate, before any training."""
+def check_evaluates(name: str, recipe: Path, overrides: list[str]) -> str:
+    """A comparison is of evaluation curves: refuse a recipe whose runs would not evaluate, before any training.
+    Returns the recipe's evaluator."""
     config = load_config(recipe, overrides)
     evaluator, why = resolve_evaluator(config.eval.evaluator, config.model.backend, config.eval.prompts)
     if evaluator == NONE:
         raise UserError(f"recipe {name} ({recipe}) has no evaluation to compare: {why}; set eval.prompts to a held-out prompt file")
+    return evaluator
+
+
+def default_thresholds(evaluators: list[str]) -> list[float]:
+    """The thresholds to time when none are given: the recipes' evaluator's own (one evaluator for all of them)."""
+    if len(set(evaluators)) > 1:
+        raise UserError(f"the recipes evaluate with different evaluators ({', '.join(sorted(set(evaluators)))}): their scores do not compare")
+    thresholds = list(get_evaluator(evaluators[0]).default_thresholds)
+    if not thresholds:
+        raise UserError(f"evaluator {evaluators[0]!r} has no default score thresholds (its rewards have their own units); pass --threshold T")
+    return thresholds
 
 
 def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides: list[str], reuse: bool, seed: int = 0, log=print) -> list[dict]:
@@ -254,7 +266,7 @@ def run_comparison(
     recipes: list[tuple[str, Path]],
     output: Path,
     budget: Budget,
-    thresholds: list[float],
+    thresholds: list[float] | None,
     overrides: list[str] = (),
     baseline: str | None = None,
     reuse: bool = False,
@@ -268,8 +280,8 @@ def run_comparison(
         raise ValueError(f"baseline {baseline!r} is not one of the recipes {names}")
     if budget.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {budget.seeds}")
-    for name, path in recipes:
-        check_evaluates(name, path, list(overrides))
+    evaluators = [check_evaluates(name, path, list(overrides)) for name, path in recipes]
+    thresholds = thresholds or default_thresholds(evaluators)
     output.mkdir(parents=True, exist_ok=True)
     curves = {
         name: {seed: curve_rows(name, run_recipe(name, path, output, budget, list(overrides), reuse, seed, log), seed) for seed in range(budget.seeds)}
