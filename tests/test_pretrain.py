@@ -165,6 +165,10 @@ def test_bidirectional_encoder_ignores_padding_and_survives_save_and_load(tmp_pa
     from dgpo.models.shapes import load_text_encoder
 
     assert torch.equal(bidirectional_features(load_text_encoder(tmp_path), ids, tokenizer)[0], hidden)
+    # Built, not trained: a second build (after other random draws) is the same weights, so the shipped file is reproducible.
+    torch.rand(100)
+    again = bidirectional_text_encoder(tokenizer).state_dict()
+    assert all(torch.equal(value, again[name]) for name, value in encoder.state_dict().items())
 
 
 def test_a_denoiser_takes_a_new_text_width_keeping_every_other_weight(tiny_model_dir):

@@ -201,6 +201,8 @@ def bidirectional_text_encoder(tokenizer: WordTokenizer) -> T5EncoderModel:
         attention.relative_attention_bias.weight.copy_(bias)
         # The pre-attention RMS norm would scale a one-hot word by sqrt(width); undo it so every block has unit weight.
         encoder.encoder.block[0].layer[0].layer_norm.weight.fill_(width**-0.5)
+        # No feed-forward; both of its weights zero, so two builds are equal byte for byte.
+        encoder.encoder.block[0].layer[1].DenseReluDense.wi.weight.zero_()
         encoder.encoder.block[0].layer[1].DenseReluDense.wo.weight.zero_()
     return encoder.eval().requires_grad_(False)
 
