@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,11 @@ def test_dgpo_steps_move_lora_weights_and_log_finite_loss(tiny_model_dir, tmp_pa
     assert [h["step"] for h in history] == [1, 2]
     for h in history:
         assert torch.isfinite(torch.tensor([h["preference_loss"], h["grad_norm"], h["reward_mean"]])).all()
+        # The reward per prompt category: one entry per category drawn, averaging (by groups) to the step's mean.
+        categories = [p.metadata["category"] for p in trainer.prompts.for_step(trainer.config.run.seed, h["step"] - 1, 2)]
+        by_category = {k.split("/", 1)[1]: v for k, v in h.items() if k.startswith("reward_by/")}
+        assert set(by_category) == set(categories)
+        assert np.mean([by_category[c] for c in categories]) == pytest.approx(h["reward_mean"], rel=1e-5)
     assert (tmp_path / "checkpoints" / "step-00000002").is_dir()
 
 

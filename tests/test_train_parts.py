@@ -11,7 +11,7 @@ from dgpo.train.collectives import Collectives
 from dgpo.train.config import load_config
 from dgpo.train.data import GroupLayout, Prompt
 from dgpo.train.draws import Draws
-from dgpo.train.scoring import RewardFailure, Scorer
+from dgpo.train.scoring import RewardFailure, Scorer, rewards_by_category
 
 
 def draws(*overrides: str) -> Draws:
@@ -84,3 +84,10 @@ def test_single_process_collectives_are_local():
     assert rewards[[3, 1]].tolist() == [5.0, 6.0] and rewards[[0, 2]].isnan().all()
     assert collectives.failed_processes(True) == [0] and collectives.failed_processes(False) == []
     assert collectives.max(1.5) == 1.5 and collectives.broadcast({"x": 1}) == {"x": 1}
+
+
+def test_rewards_by_category_average_each_categorys_groups_and_skip_invalid_rewards():
+    rewards = torch.tensor([1.0, 3.0, 0.0, float("nan"), 5.0, 7.0, 9.0, 9.0])
+    by_category = rewards_by_category(["position", "counting", "position", None], rewards, group_size=2)
+    assert by_category == {"reward_by/position": 4.0, "reward_by/counting": 0.0}
+    assert rewards_by_category([None, None], torch.ones(4), group_size=2) == {}

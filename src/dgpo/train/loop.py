@@ -46,7 +46,7 @@ from .metrics_log import MetricsLog
 from .optim import optimizer_class
 from .policy import Policy
 from .rollouts import Rollout, Rollouts
-from .scoring import RewardFailure, Scorer
+from .scoring import RewardFailure, Scorer, rewards_by_category
 from .sharding import SHARDED_FOLDER, SHARDINGS, clip_grad_norm, load_sharded, save_sharded
 from .state import RunState, StepCounters
 
@@ -136,6 +136,7 @@ class Trainer:
         self.counters.step += 1
         self.counters.elapsed_seconds += elapsed
         metrics.update(reward_logs)
+        metrics.update(rewards_by_category([p.metadata.get("category") for p in step_prompts], rewards, self.layout.group_size))
         metrics.update(
             {
                 "step": self.counters.step,

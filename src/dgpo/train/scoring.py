@@ -21,6 +21,22 @@ class RewardFailure(UserError):
     pass
 
 
+def rewards_by_category(categories: list[str | None], rewards: torch.Tensor, group_size: int) -> dict[str, float]:
+    """The step's mean valid reward per prompt category (``reward_by/<category>``), one category per group.
+
+    ``categories[g]`` is group g's prompt ``category`` metadata (None: none), the key
+    ``balance_categories`` draws by; ``rewards`` are the whole step's, group-major. Many steps of
+    it tell which kind of prompt the policy is learning, far tighter than a periodic evaluation."""
+    per_group = rewards.view(len(categories), group_size)
+    out = {}
+    for category in sorted({c for c in categories if c is not None}):
+        chosen = per_group[[c == category for c in categories]]
+        valid = chosen[torch.isfinite(chosen)]
+        if valid.numel():
+            out[f"reward_by/{category}"] = float(valid.mean())
+    return out
+
+
 class ChunkScoring:
     """A step's rewards, scored chunk by chunk as the rollout decodes them: inline, or on a worker
     thread while the next chunk is generated. A failure is held until ``results`` so that every
