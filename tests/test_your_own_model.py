@@ -98,7 +98,7 @@ def test_a_tiny_sd3_run_evaluates_before_during_and_after_and_its_guard_trips(sd
     assert f"report:  {run / 'report.md'}" in printed and f"adapter: {run / 'adapter'}" in printed
 
 
-def test_a_run_builds_each_training_reward_once_and_its_evaluator_scores_with_it(sd3_dir, prompt_files, tmp_path):
+def test_a_run_builds_each_training_reward_once_for_training_evaluation_and_eval_metrics(sd3_dir, prompt_files, tmp_path):
     held_out, _ = prompt_files
     built = []
 
@@ -109,13 +109,15 @@ def test_a_run_builds_each_training_reward_once_and_its_evaluator_scores_with_it
 
     register_reward("test_expensive")(expensive_reward)
     try:
-        overrides = sd3_overrides(sd3_dir, tmp_path / "run", held_out, **{"run.max_steps": 1, "reward.weights": {"test_expensive": 1.0}})
+        overrides = sd3_overrides(sd3_dir, tmp_path / "run", held_out, **{"run.max_steps": 1, "reward.weights": {"test_expensive": 1.0},
+                                                                          "eval.metrics": "[test_expensive]"})
         run_training(load_config(None, overrides))
     finally:
         REWARDS.unregister("test_expensive")
     assert len(built) == 1
     evals = json.loads((tmp_path / "run" / "evals.json").read_text())
     assert [e["rewards"]["test_expensive"] for e in evals] == [1.5, 1.5], "4 images per evaluation score 0, 1, 2, 3"
+    assert [e["metrics"]["test_expensive"] for e in evals] == [1.5, 1.5]
 
 
 def test_a_run_without_evaluation_reports_no_grids_and_says_so(sd3_dir, prompt_files, tmp_path):

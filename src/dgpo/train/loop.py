@@ -82,7 +82,9 @@ class Trainer:
         make_optimizer = optimizer_class(config.optim.optimizer)
         self.prompts = PromptSource.load(d.prompts)
         self.scorer = Scorer({name: get_reward(name, **config.reward.options.get(name, {})) for name in config.reward.weights}, config.reward, self.log)
-        self.eval_rewards = {name: get_reward(name) for name in config.eval.metrics}
+        # An eval.metrics reward that is also a training reward built without options is that same instance: a reward model loads once.
+        plain = {name: fn for name, fn in self.scorer.rewards.items() if not config.reward.options.get(name)}
+        self.eval_rewards = {name: plain[name] if name in plain else get_reward(name) for name in config.eval.metrics}
         self.output = Path(config.run.output_dir)
         model = model or load_model(config.model.backend, config.model.path, config.model.resolution)
         check_prompt_lengths(model, [p.text for p in self.prompts.prompts], f"data.prompts {d.prompts}")
