@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch.distributed as dist
 import yaml
 from test_train import tiny_overrides
 
@@ -98,6 +99,17 @@ def test_user_errors_are_one_line_and_anything_else_keeps_its_traceback(monkeypa
         monkeypatch.setattr(cli, "cmd_rewards", fails_with(unexpected))
         with pytest.raises(type(unexpected)):
             main(["rewards"])
+
+
+def test_a_command_that_returns_leaves_the_process_group_it_ran_in(tmp_path, capsys):
+    """Under torchrun a gloo group left alive at exit can abort the finished process; a command ends it."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["rewards"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_an_unknown_pretraining_text_encoder_is_one_line_naming_the_known_ones(tmp_path, capsys):

@@ -52,6 +52,7 @@ for job in jobs:
     dist.all_gather_object(results[job["name"]]["bytes"], held_bytes(trainer))
 if trainer.acc.is_main_process:
     torch.save(results, out + "/results.pt")
+dist.destroy_process_group()  # a gloo group alive at exit can abort the process in teardown
 """
 
 VARIANTS = {

@@ -239,6 +239,7 @@ if trainer.acc.is_main_process:
 rank_sums = trainer.acc.gather_for_metrics([sums], use_gather_object=True)
 if trainer.acc.is_main_process:
     json.dump(rank_sums, open(out + "/sums.json", "w"))
+torch.distributed.destroy_process_group()  # a gloo group alive at exit can abort the process in teardown
 """
 
 

@@ -361,10 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         load_plugins(getattr(args, "imports", None) or [])
-        return args.fn(args)
+        status = args.fn(args)
     except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"dgpo: error: {exc}", file=sys.stderr)
         return 2
+    # Only after a command returned: on an error another process may still wait in a collective.
+    from .train.collectives import leave_process_group
+
+    leave_process_group()
+    return status
 
 
 if __name__ == "__main__":
