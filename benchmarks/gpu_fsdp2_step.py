@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dgpo.train.collectives import leave_process_group
+
 MODES = ("lora", "fsdp2-full", "fsdp2-full-offload")
 MODE_OVERRIDES = {
     "lora": {"model.sharding": "none"},
@@ -128,3 +130,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()
