@@ -16,8 +16,11 @@ from test_diffusers_backends import build_sd3, save_tiny
 from dgpo.cli import main
 from dgpo.evaluators import resolve_evaluator
 from dgpo.models import load_model
-from dgpo.rewards import REWARDS, register_reward
+from dgpo.prompt_set import PromptSetEvaluator
+from dgpo.rewards import REWARDS, RewardFailure, register_reward
+from dgpo.rollout import SamplerSettings
 from dgpo.train.config import ConfigError, load_config
+from dgpo.train.data import PromptSource
 from dgpo.train.run import run_training
 
 RESOLUTION = 32
@@ -118,6 +121,26 @@ def test_a_run_builds_each_training_reward_once_for_training_evaluation_and_eval
     evals = json.loads((tmp_path / "run" / "evals.json").read_text())
     assert [e["rewards"]["test_expensive"] for e in evals] == [1.5, 1.5], "4 images per evaluation score 0, 1, 2, 3"
     assert [e["metrics"]["test_expensive"] for e in evals] == [1.5, 1.5]
+
+
+def test_the_prompt_set_evaluator_masks_non_finite_scores_and_a_failing_reward_names_itself(sd3_dir, prompt_files):
+    held_out, _ = prompt_files
+    model = load_model("sd3", str(sd3_dir), RESOLUTION)
+    settings = SamplerSettings(num_steps=2)
+
+    def first_is_inf(images, prompts, metadata):
+        return [float("inf")] + [1.0] * (len(prompts) - 1)
+
+    evaluator = PromptSetEvaluator(PromptSource.load(str(held_out)), {"first_is_inf": first_is_inf}, {"first_is_inf": 1.0}, batch_size=2)
+    result = evaluator.evaluate(model, settings, images_per_category=4)
+    assert result.scores["first_is_inf"] == 1.0 and result.overall == 1.0, "the inf of each chunk's first image is left out"
+
+    def broken(images, prompts, metadata):
+        raise KeyError("score table")
+
+    evaluator.rewards = {"broken": broken}
+    with pytest.raises(RewardFailure, match="reward 'broken' failed: KeyError"):
+        evaluator.evaluate(model, settings, images_per_category=4)
 
 
 def test_a_run_without_evaluation_reports_no_grids_and_says_so(sd3_dir, prompt_files, tmp_path):

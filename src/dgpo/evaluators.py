@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .registry import Registry
-from .rewards import as_scores
+from .rewards import score_batch
 from .rollout import SamplerSettings
 
 NONE = "none"
@@ -141,7 +141,7 @@ def metric_means(rewards: dict, result: EvalResult) -> dict[str, float]:
         if name in result.scores:
             means[name] = result.scores[name]
             continue
-        scores = as_scores(reward(result.images, result.prompts, result.metadata), result.num_images, name)
+        scores = score_batch({name: reward}, result.images, result.prompts, result.metadata)[name]
         means[name] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
     return means
 

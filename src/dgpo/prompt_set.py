@@ -20,7 +20,7 @@ from .diversity import group_diversity
 from .evaluation import generate
 from .evaluators import PROMPT_SET, EvalResult, Evaluator, GridSelection, register_evaluator
 from .models.common import check_prompt_lengths
-from .rewards import as_scores, combine_rewards, get_reward
+from .rewards import combine_rewards, get_reward, score_batch
 from .rollout import SamplerSettings
 from .train.data import Prompt, PromptSource
 
@@ -80,12 +80,11 @@ class PromptSetEvaluator(Evaluator):
         prompts = [p for p in source.prompts for _ in range(per_prompt)]
         keys = [(tag, seed, i // per_prompt, i % per_prompt) for i in range(len(prompts))]
         generated = generate(model, [p.text for p in prompts], keys, settings, self.batch_size)
-        scores = {name: np.zeros(0) for name in self.rewards}
+        chunk_scores = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
-            for name, reward in self.rewards.items():
-                raw = reward(generated[start : start + len(chunk)], [p.text for p in chunk], [p.metadata for p in chunk])
-                scores[name] = np.concatenate([scores[name], as_scores(raw, len(chunk), name)])
+            chunk_scores.append(score_batch(self.rewards, generated[start : start + len(chunk)], [p.text for p in chunk], [p.metadata for p in chunk]))
+        scores = {name: np.concatenate([c[name] for c in chunk_scores]) for name in self.rewards}
         combined = combine_rewards(scores, self.weights)
         overall = float(np.nanmean(combined)) if np.isfinite(combined).any() else float("nan")
         return ScoredSet(generated, prompts, scores, overall, group_diversity(generated, [i // per_prompt for i in range(len(prompts))]))

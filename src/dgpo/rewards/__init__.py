@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import UserError
 from ..registry import Registry
 
 
@@ -60,6 +61,25 @@ def as_scores(raw, batch_size: int, name: str) -> np.ndarray:
     if scores.shape != (batch_size,):
         raise ValueError(f"reward {name!r} returned {scores.shape[0]} scores for {batch_size} images")
     return scores
+
+
+class RewardFailure(UserError):
+    """A reward raised; the message names it."""
+
+
+def score_batch(rewards: dict[str, RewardFn], images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, np.ndarray]:
+    """Each reward's scores of one batch of images: NaN where a reward does not apply or returned NaN/inf.
+
+    Training, evaluation and ``eval.metrics`` all score through here: a reward that raises (or returns
+    the wrong number of scores) is a :class:`RewardFailure` naming it, never a poisoned advantage."""
+    per_reward = {}
+    for name, reward in rewards.items():
+        try:
+            scores = as_scores(reward(images, prompts, metadata), len(prompts), name)
+        except Exception as exc:
+            raise RewardFailure(f"reward {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        per_reward[name] = np.where(np.isfinite(scores), scores, np.nan)
+    return per_reward
 
 
 def combine_rewards(scores: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

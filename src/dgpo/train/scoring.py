@@ -12,13 +12,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..rewards import as_scores, combine_rewards
+from ..rewards import RewardFailure, combine_rewards, score_batch
 from .config import RewardConfig
 
-
-class RewardFailure(UserError):
-    pass
+__all__ = ["ChunkScoring", "RewardFailure", "Scorer", "rewards_by_category"]
 
 
 def rewards_by_category(categories: list[str | None], rewards: torch.Tensor, group_size: int) -> dict[str, float]:
@@ -83,16 +80,7 @@ class Scorer:
 
     def score_chunk(self, chunk) -> dict[str, np.ndarray]:
         """Each reward's scores of one chunk; NaN where a reward does not apply or returned NaN/inf."""
-        texts = [p.text for p in chunk.prompts]
-        metadata = [p.metadata for p in chunk.prompts]
-        per_reward = {}
-        for name, fn in self.rewards.items():
-            try:
-                scores = as_scores(fn(chunk.images, texts, metadata), len(texts), name)
-            except Exception as exc:  # a crashing reward must name itself, never poison advantages
-                raise RewardFailure(f"reward {name!r} failed: {type(exc).__name__}: {exc}") from exc
-            per_reward[name] = np.where(np.isfinite(scores), scores, np.nan)
-        return per_reward
+        return score_batch(self.rewards, chunk.images, [p.text for p in chunk.prompts], [p.metadata for p in chunk.prompts])
 
     def combine(self, chunk_scores: list[dict[str, np.ndarray]]) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted rewards of the local samples (chunks in order); NaN where no reward applies or a reward failed."""
