@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from dgpo.shapes.prompts import CATEGORIES
 from dgpo.train.checkpoint import latest_good_checkpoint
@@ -39,6 +40,8 @@ def train_seed(seed: int, overrides: list[str]) -> dict:
         print(f"seed {seed}: reusing the finished run in {run_dir}")
         return json.loads(finished.read_text())
     resume = latest_good_checkpoint(run_dir / "checkpoints", warn=print) is not None
+    if resume:
+        refuse_another_config(run_dir, config)
     start = time.perf_counter()
     summary = run_training(config, resume=resume, overwrite=not resume)
     if summary["status"] != 0:
@@ -49,6 +52,18 @@ def train_seed(seed: int, overrides: list[str]) -> dict:
     summary["seed"] = seed
     finished.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def refuse_another_config(run_dir: Path, config) -> None:
+    """A seed's checkpoints resume only under the config they were trained with (a recipe edited between
+    sittings would otherwise continue, or extend a finished run, under the new one)."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else None
+    current = json.loads(json.dumps(config.to_dict()))
+    if saved is not None and saved != current:
+        changed = sorted(f"{section}.{key}" for section in current for key in current[section]
+                         if saved.get(section, {}).get(key) != current[section][key])
+        raise SystemExit(f"{run_dir} holds a run of another config ({', '.join(changed) or 'sections differ'}); "
+                         "move it aside or delete it to start this seed afresh")
 
 
 def spread(values: list[float]) -> dict:
