@@ -5,11 +5,12 @@ import importlib.util
 import json
 from pathlib import Path
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sd35m_step.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("gpu_sd35m_step", BENCHMARK)
+def load_benchmark(name: str = "gpu_sd35m_step"):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,9 +37,7 @@ def test_time_step_moves_the_weights(tmp_path):
 def test_fsdp2_benchmark_runs_every_mode_on_the_tiny_model(tmp_path):
     import torch.distributed as dist
 
-    spec = importlib.util.spec_from_file_location("gpu_fsdp2_step", BENCHMARK.parent / "gpu_fsdp2_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("gpu_fsdp2_step")
     try:
         summary = module.main(["--tiny", "--repeats", "1", "--results", str(tmp_path / "result.json")])
     finally:

@@ -1,25 +1,14 @@
 """benchmarks/dgpo_shapes_cpu.py resumes a seed only under the config its checkpoints were trained with."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from test_benchmark_gpu_step import load_benchmark
 
 from dgpo.train.config import load_config, save_config
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "dgpo_shapes_cpu.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("dgpo_shapes_cpu", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_a_seed_trained_under_another_recipe_is_refused_naming_what_changed(tmp_path):
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("dgpo_shapes_cpu")
     trained = load_config(benchmark.RECIPE, ["run.seed=1"])
     save_config(trained, tmp_path / "config.yaml")
     benchmark.refuse_another_config(tmp_path, load_config(benchmark.RECIPE, ["run.seed=1"]))
