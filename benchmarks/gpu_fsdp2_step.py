@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dgpo.train.collectives import leave_process_group
+from dgpo.train.process_group import leave_process_group
 
 MODES = ("lora", "fsdp2-full", "fsdp2-full-offload")
 MODE_OVERRIDES = {

@@ -1,12 +1,14 @@
 """Tests of the reward registry, score handling and the built-in rewards."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 import dgpo.rewards as rewards
-from dgpo.rewards import as_scores, available_rewards, combine_rewards, get_reward, register_reward
+from dgpo.rewards import as_scores, available_rewards, combine_rewards, get_reward, mean_score, register_reward
 from dgpo.shapes import prompts as shape_prompts
 from dgpo.shapes.prompts import scene_for_spec
 from dgpo.shapes.world import BACKGROUND, IMAGE_SIZE, render_scene
@@ -101,6 +103,13 @@ def test_combine_rewards_single_and_negative_weights():
     scores = {"a": np.array([1.0, -2.0]), "b": np.array([3.0, 1.0])}
     np.testing.assert_allclose(combine_rewards(scores, {"a": 1.0}), [1.0, -2.0])
     np.testing.assert_allclose(combine_rewards(scores, {"a": 1.0, "b": -1.0}), [-2.0, -3.0])
+
+
+def test_mean_score_skips_unscored_images_and_is_nan_without_a_warning_when_none_was_scored():
+    assert mean_score(np.array([1.0, np.nan, 0.0, np.nan])) == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(mean_score(np.full(3, np.nan)))
 
 
 # ----------------------------------------------------------------------------- shapes rewards

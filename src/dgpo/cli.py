@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dgpo: error: {exc}", file=sys.stderr)
         return 2
     # Only after a command returned: on an error another process may still wait in a collective.
-    from .train.collectives import leave_process_group
+    from .train.process_group import leave_process_group
 
     leave_process_group()
     return status

@@ -18,11 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from .registry import Registry
-from .rewards import score_batch
+from .rewards import mean_score, score_batch
 from .rollout import SamplerSettings
 
 NONE = "none"
@@ -142,7 +141,7 @@ def metric_means(rewards: dict, result: EvalResult) -> dict[str, float]:
             means[name] = result.scores[name]
             continue
         scores = score_batch({name: reward}, result.images, result.prompts, result.metadata)[name]
-        means[name] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+        means[name] = mean_score(scores)
     return means
 
 

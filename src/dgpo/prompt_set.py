@@ -20,7 +20,7 @@ from .diversity import group_diversity
 from .evaluation import generate
 from .evaluators import PROMPT_SET, EvalResult, Evaluator, GridSelection, register_evaluator
 from .models.common import check_prompt_lengths
-from .rewards import combine_rewards, get_reward, score_batch
+from .rewards import combine_rewards, get_reward, mean_score, score_batch
 from .rollout import SamplerSettings
 from .train.data import Prompt, PromptSource
 
@@ -86,7 +86,7 @@ class PromptSetEvaluator(Evaluator):
             chunk_scores.append(score_batch(self.rewards, generated[start : start + len(chunk)], [p.text for p in chunk], [p.metadata for p in chunk]))
         scores = {name: np.concatenate([c[name] for c in chunk_scores]) for name in self.rewards}
         combined = combine_rewards(scores, self.weights)
-        overall = float(np.nanmean(combined)) if np.isfinite(combined).any() else float("nan")
+        overall = mean_score(combined)
         return ScoredSet(generated, prompts, scores, overall, group_diversity(generated, [i // per_prompt for i in range(len(prompts))]))
 
     def evaluate(self, model, settings: SamplerSettings, images_per_category: int, seed: int = 0) -> EvalResult:
@@ -98,7 +98,7 @@ class PromptSetEvaluator(Evaluator):
         texts = [p.text for p in held_out.prompts]
         return EvalResult(
             overall=held_out.overall,
-            scores={name: float(np.nanmean(s)) if np.isfinite(s).any() else float("nan") for name, s in held_out.scores.items()},
+            scores={name: mean_score(s) for name, s in held_out.scores.items()},
             out_of_domain=out_of_domain,
             images=held_out.images,
             prompts=texts,

@@ -82,6 +82,11 @@ def score_batch(rewards: dict[str, RewardFn], images: torch.Tensor, prompts: lis
     return per_reward
 
 
+def mean_score(scores: np.ndarray) -> float:
+    """The mean over the scored images (NaN entries skipped); NaN when none was scored, without numpy's warning."""
+    return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+
+
 def combine_rewards(scores: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
     """Weighted sum over the rewards applicable to each sample; NaN where none applies."""
     stacked = np.stack([weights[name] * scores[name] for name in weights])

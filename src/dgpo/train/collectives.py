@@ -6,7 +6,6 @@ all-reduce, gather or broadcast each; on one process none of them communicates.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -71,11 +70,3 @@ class Collectives:
             return value
         return broadcast_object_list([value])[0]
 
-
-def leave_process_group() -> None:
-    """Destroy this process's default process group, if one was started (torchrun, accelerate launch).
-
-    A process that exits with a gloo group alive can abort in interpreter teardown (SIGABRT,
-    "terminate called without an active exception") after a run that finished well."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..rewards import RewardFailure, combine_rewards, score_batch
+from ..rewards import RewardFailure, combine_rewards, mean_score, score_batch
 from .config import RewardConfig
 
 __all__ = ["ChunkScoring", "RewardFailure", "Scorer", "rewards_by_category"]
@@ -89,7 +89,7 @@ class Scorer:
             scores = np.concatenate([chunk[name] for chunk in chunk_scores])
             per_reward[name] = scores
             logs[f"invalid/{name}"] = int(np.isnan(scores).sum())
-            logs[f"reward/{name}"] = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+            logs[f"reward/{name}"] = mean_score(scores)
         total = combine_rewards(per_reward, self.config.weights)
         return torch.tensor(total, dtype=torch.float32), logs
 
