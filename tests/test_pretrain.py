@@ -15,6 +15,7 @@ from dgpo.models.shapes import (
     bidirectional_features,
     bidirectional_text_encoder,
     orthogonal_text_encoder,
+    with_extra_layers,
     with_text_width,
 )
 from dgpo.shapes.captions import EXACT_CAPTIONS, CaptionModel, caption_scene
@@ -181,6 +182,34 @@ def test_a_denoiser_takes_a_new_text_width_keeping_every_other_weight(tiny_model
     assert with_text_width(widened, widened.config.joint_attention_dim) is widened
 
 
+
+def test_a_denoiser_grown_by_identity_blocks_computes_what_it_did_and_then_learns_with_them(tiny_model_dir):
+    model = ShapesModel.from_pretrained(tiny_model_dir)
+    shallow = model.transformer
+    layers = shallow.config.num_layers
+    gen = torch.Generator().manual_seed(0)
+    size = model.latent_size
+    latents = torch.randn(3, shallow.config.in_channels, size, size, generator=gen)
+    sigma = torch.tensor([0.9, 0.5, 0.2])
+    features = model.encode_prompts(["a photo of a red circle left of a blue square", "a photo of two crosses", ""])
+    before = model.velocity(latents, sigma, features)
+
+    model.transformer = deeper = with_extra_layers(shallow, 2)
+    assert deeper.config.num_layers == layers + 2
+    assert deeper.transformer_blocks[-1].context_pre_only and not deeper.transformer_blocks[layers - 1].context_pre_only
+    old, new = shallow.state_dict(), deeper.state_dict()
+    moved = {k.replace(f"transformer_blocks.{layers - 1}.", f"transformer_blocks.{layers + 1}.", 1): v for k, v in old.items()}
+    assert all(torch.equal(new[k], v) for k, v in moved.items())
+    torch.testing.assert_close(model.velocity(latents, sigma, features), before, rtol=0, atol=1e-6)
+
+    deeper.requires_grad_(True)
+    model.velocity(latents, sigma, features).square().mean().backward()
+    gate = deeper.transformer_blocks[layers - 1].norm1.linear.weight.grad
+    assert gate is not None and gate.abs().sum() > 0, "the new block's gates must receive gradient to open"
+    assert with_extra_layers(deeper, 0) is deeper
+    with pytest.raises(ValueError, match=">= 0"):
+        with_extra_layers(deeper, -1)
+
 def test_pooled_output_is_taken_at_eos_not_at_the_largest_token_id():
     tokenizer = WordTokenizer(vocabulary())
     assert tokenizer.eos_id != 2, "transformers' CLIP pools at the largest token id when eos_token_id == 2"
@@ -249,3 +278,12 @@ def test_resumed_pretraining_equals_an_uninterrupted_one(tiny_model_dir, tmp_pat
     model = ShapesModel.from_pretrained(tmp_path / "split")
     assert torch.equal(model.text_encoder.shared.weight, bidirectional_text_encoder(model.tokenizer).shared.weight)
     assert json.loads((tmp_path / "split" / "pretrain_config.json").read_text())["captions"] == json.loads(json.dumps(CaptionModel().__dict__))
+
+
+def test_pretraining_grows_a_continued_denoiser_and_refuses_to_grow_a_new_one(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="continue_from"):
+        PretrainConfig(output=str(tmp_path / "new"), add_layers=1)
+    layers = ShapesModel.from_pretrained(tiny_model_dir).transformer.config.num_layers
+    pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "grown", add_layers=1, dit_steps=2), log=lambda line: None)
+    assert ShapesModel.from_pretrained(tmp_path / "grown").transformer.config.num_layers == layers + 1
+    assert json.loads((tmp_path / "grown" / "pretrain_config.json").read_text())["add_layers"] == 1

@@ -170,7 +170,7 @@ def cmd_pretrain(args) -> int:
         raise ValueError(f"unknown caption option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     cfg = PretrainConfig(
         output=args.output, vae_steps=args.vae_steps, dit_steps=args.dit_steps, seed=args.seed, continue_from=args.continue_from,
-        text_encoder=args.text_encoder, captions=CaptionModel(**dict(args.caption or [])), save_every=args.save_every,
+        add_layers=args.add_layers, text_encoder=args.text_encoder, captions=CaptionModel(**dict(args.caption or [])), save_every=args.save_every,
         resume=args.resume,
     )
     pretrain(cfg)
@@ -292,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue-from", default="", help="train the denoiser of this saved model further (skips the autoencoder)")
+    p.add_argument(
+        "--add-layers", type=int, default=0, metavar="N",
+        help="with --continue-from: grow the denoiser by N joint blocks before its last one, each starting as the identity (default: 0)",
+    )
     p.add_argument(
         "--text-encoder", default="bidirectional",
         help="bidirectional: a fixed T5 encoder whose tokens state their word, the word before and the words on either side; "

@@ -241,6 +241,35 @@ def with_text_width(transformer: SD3Transformer2DModel, width: int) -> SD3Transf
     return widened
 
 
+
+def with_extra_layers(transformer: SD3Transformer2DModel, extra: int) -> SD3Transformer2DModel:
+    """The same denoiser with ``extra`` more joint blocks before its last one, each starting as the identity.
+
+    A new block's adaLN-Zero modulations (``norm1``, ``norm1_context``) start at zero, so its gates are
+    zero and it passes the image and text streams through unchanged, as DiT initialises every block: the
+    deeper denoiser starts out computing exactly what the shallower one did, and training opens the gates.
+    The last block stays last (it alone does not update the text stream)."""
+    if extra < 0:
+        raise ValueError(f"extra layers must be >= 0, got {extra}")
+    if extra == 0:
+        return transformer
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    if config.get("dual_attention_layers"):
+        raise ValueError("adding layers to a denoiser with dual-attention layers is not supported")
+    last = config["num_layers"] - 1
+    deeper = SD3Transformer2DModel(**{**config, "num_layers": last + 1 + extra})
+    state = deeper.state_dict()
+    moved = {f"transformer_blocks.{last}.": f"transformer_blocks.{last + extra}."}
+    for key, value in transformer.state_dict().items():
+        prefix = next((old for old in moved if key.startswith(old)), None)
+        state[key if prefix is None else moved[prefix] + key[len(prefix):]] = value
+    for block in range(last, last + extra):
+        for norm in ("norm1", "norm1_context"):
+            for part in ("weight", "bias"):
+                state[f"transformer_blocks.{block}.{norm}.linear.{part}"].zero_()
+    deeper.load_state_dict(state)
+    return deeper
+
 class ShapesModel(MMDiTLatents):
     """Adapter for the ShapesEval model (see ``dgpo.models.base.FlowModelAdapter``)."""
 

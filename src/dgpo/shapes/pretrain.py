@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.shapes import ShapesModel, WordTokenizer, bidirectional_text_encoder, orthogonal_text_encoder, with_text_width
+from ..models.shapes import ShapesModel, WordTokenizer, bidirectional_text_encoder, orthogonal_text_encoder, with_extra_layers, with_text_width
 from ..seeding import keyed_generator, stable_seed
 from ..train.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .captions import CaptionModel, caption_scene
@@ -43,6 +43,7 @@ CONFIG_FILE = "pretrain_config.json"
 class PretrainConfig:
     output: str = "src/dgpo/assets/shapes-base"
     continue_from: str = ""
+    add_layers: int = 0
     seed: int = 0
     pool_size: int = 40000
     vae_steps: int = 2500
@@ -66,6 +67,10 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"text_encoder must be one of {', '.join(TEXT_ENCODERS)}, got {self.text_encoder!r}")
+        if self.add_layers < 0:
+            raise ValueError(f"add_layers must be >= 0, got {self.add_layers}")
+        if self.add_layers and not self.continue_from:
+            raise ValueError("add_layers grows a continued denoiser; it needs continue_from")
         if self.save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {self.save_every}")
 
@@ -260,6 +265,7 @@ def _starting_model(cfg: PretrainConfig, pool: Pool, log) -> ShapesModel:
         model.tokenizer = WordTokenizer(vocabulary(), model.tokenizer.max_length)
         model.text_encoder = FIXED_TEXT_ENCODERS[cfg.text_encoder](model.tokenizer)
         model.transformer = with_text_width(model.transformer, model.text_encoder.config.hidden_size)  # T5's config maps hidden_size to d_model
+    model.transformer = with_extra_layers(model.transformer, cfg.add_layers)
     return model
 
 
