@@ -36,9 +36,11 @@ def train_seed(seed: int, overrides: list[str]) -> dict:
     run_dir = RUNS / f"seed-{seed}"
     config = load_config(RECIPE, [*overrides, f"run.output_dir={run_dir}", f"run.seed={seed}"])
     finished = run_dir / "results.json"
-    if finished.exists() and json.loads(finished.read_text()).get("config") == json.loads(json.dumps(config.to_dict())):
-        print(f"seed {seed}: reusing the finished run in {run_dir}")
-        return json.loads(finished.read_text())
+    if finished.exists():
+        summary = json.loads(finished.read_text())
+        if summary.get("config") == as_saved(config):
+            print(f"seed {seed}: reusing the finished run in {run_dir}")
+            return summary
     resume = latest_good_checkpoint(run_dir / "checkpoints", warn=print) is not None
     if resume:
         refuse_another_config(run_dir, config)
@@ -54,11 +56,16 @@ def train_seed(seed: int, overrides: list[str]) -> dict:
     return summary
 
 
+def as_saved(config) -> dict:
+    """The config as a run's config.yaml and results.json hold it (plain lists, dicts and numbers)."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
 def refuse_another_config(run_dir: Path, config) -> None:
     """A seed's checkpoints resume only under the config they were trained with (a recipe edited between
     sittings would otherwise continue, or extend a finished run, under the new one)."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else None
-    current = json.loads(json.dumps(config.to_dict()))
+    current = as_saved(config)
     if saved is not None and saved != current:
         changed = sorted(f"{section}.{key}" for section in current for key in current[section]
                          if saved.get(section, {}).get(key) != current[section][key])

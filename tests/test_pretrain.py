@@ -182,7 +182,6 @@ def test_a_denoiser_takes_a_new_text_width_keeping_every_other_weight(tiny_model
     assert with_text_width(widened, widened.config.joint_attention_dim) is widened
 
 
-
 def test_a_denoiser_grown_by_identity_blocks_computes_what_it_did_and_then_learns_with_them(tiny_model_dir):
     model = ShapesModel.from_pretrained(tiny_model_dir)
     shallow = model.transformer

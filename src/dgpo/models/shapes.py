@@ -234,12 +234,16 @@ def with_text_width(transformer: SD3Transformer2DModel, width: int) -> SD3Transf
     """The same denoiser reading text features of another width: only the two layers that take them in start afresh."""
     if transformer.config.joint_attention_dim == width and transformer.config.pooled_projection_dim == width:
         return transformer
-    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    widened = SD3Transformer2DModel(**{**config, "joint_attention_dim": width, "pooled_projection_dim": width})
+    widened = _rebuilt(transformer, joint_attention_dim=width, pooled_projection_dim=width)
     own = widened.state_dict()
     widened.load_state_dict({k: v if v.shape == own[k].shape else own[k] for k, v in transformer.state_dict().items()})
     return widened
 
+
+def _rebuilt(transformer: SD3Transformer2DModel, **changes) -> SD3Transformer2DModel:
+    """A freshly initialised denoiser of ``transformer``'s config with ``changes`` made to it."""
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    return SD3Transformer2DModel(**{**config, **changes})
 
 
 def with_extra_layers(transformer: SD3Transformer2DModel, extra: int) -> SD3Transformer2DModel:
@@ -253,22 +257,21 @@ def with_extra_layers(transformer: SD3Transformer2DModel, extra: int) -> SD3Tran
         raise ValueError(f"extra layers must be >= 0, got {extra}")
     if extra == 0:
         return transformer
-    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    if config.get("dual_attention_layers"):
+    if transformer.config.dual_attention_layers:
         raise ValueError("adding layers to a denoiser with dual-attention layers is not supported")
-    last = config["num_layers"] - 1
-    deeper = SD3Transformer2DModel(**{**config, "num_layers": last + 1 + extra})
+    last = transformer.config.num_layers - 1
+    deeper = _rebuilt(transformer, num_layers=last + 1 + extra)
     state = deeper.state_dict()
-    moved = {f"transformer_blocks.{last}.": f"transformer_blocks.{last + extra}."}
+    old_last, new_last = f"transformer_blocks.{last}.", f"transformer_blocks.{last + extra}."
     for key, value in transformer.state_dict().items():
-        prefix = next((old for old in moved if key.startswith(old)), None)
-        state[key if prefix is None else moved[prefix] + key[len(prefix):]] = value
+        state[new_last + key[len(old_last):] if key.startswith(old_last) else key] = value
     for block in range(last, last + extra):
         for norm in ("norm1", "norm1_context"):
             for part in ("weight", "bias"):
                 state[f"transformer_blocks.{block}.{norm}.linear.{part}"].zero_()
     deeper.load_state_dict(state)
     return deeper
+
 
 class ShapesModel(MMDiTLatents):
     """Adapter for the ShapesEval model (see ``dgpo.models.base.FlowModelAdapter``)."""
