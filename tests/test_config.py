@@ -189,6 +189,7 @@ def test_wrong_type_is_one_line_error_naming_the_key(override, key):
         (["eval.ema_decay=1"], ["eval.ema_decay"]),
         (["model.lora_rank=-1"], ["model.lora_rank"]),
         (["model.mixed_precision=fp8"], ["model.mixed_precision", "fp8"]),
+        (["rollout.mixed_precision=fp8"], ["rollout.mixed_precision", "fp8"]),
         (["run.max_steps=-1"], ["run.max_steps"]),
         (["run.keep_checkpoints=0"], ["run.keep_checkpoints"]),
         (["reward.weights={}"], ["reward.weights", "empty"]),

@@ -265,6 +265,11 @@ def test_resumed_pretraining_equals_an_uninterrupted_one(tiny_model_dir, tmp_pat
         pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "split"), log=lambda line: None)
     with pytest.raises(ValueError, match="captions"):
         pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "split", resume=True, captions=EXACT_CAPTIONS), log=lambda line: None)
+    # A run started before a recipe field existed (here add_layers and a caption probability) resumes as if it had its default.
+    saved_recipe = tmp_path / "split" / "checkpoints" / "pretrain_config.json"
+    recipe = json.loads(saved_recipe.read_text())
+    del recipe["add_layers"], recipe["captions"]["swap_colors"]
+    saved_recipe.write_text(json.dumps(recipe))
     lines = []
     pretrain(_tiny_cfg(tiny_model_dir, tmp_path / "split", resume=True), log=lines.append)
     assert any("resumed the denoiser" in line and "step 2 of 6" in line for line in lines)

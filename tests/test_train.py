@@ -120,6 +120,15 @@ def test_flow_grpo_trains_distinct_trajectory_steps_per_sample(tiny_model_dir, t
     assert not torch.equal(steps[:, 0], steps[:, 1]) or not torch.equal(steps[:, 1], steps[:, 2])
 
 
+@pytest.mark.parametrize("rollout_precision, sampled", [("model", torch.float32), ("bf16", torch.bfloat16)])
+def test_rollouts_sample_in_their_own_precision_and_the_update_stays_float32(tiny_model_dir, tmp_path, rollout_precision, sampled):
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"rollout.mixed_precision": rollout_precision, "run.max_steps": 1})))
+    seen = {True: set(), False: set()}  # output dtypes of the transformer's last projection, by whether gradients flow
+    trainer.model.transformer.proj_out.register_forward_hook(lambda module, args, out: seen[torch.is_grad_enabled()].add(out.dtype))
+    trainer.train()
+    assert (torch.bfloat16 in seen[False]) == (sampled == torch.bfloat16) and seen[True] == {torch.float32}
+
+
 def test_offline_pool_reuses_reference_samples(tiny_model_dir, tmp_path):
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"rollout.offline_pool": 2, "run.max_steps": 4})))
     trainer.train()

@@ -269,6 +269,12 @@ def _starting_model(cfg: PretrainConfig, pool: Pool, log) -> ShapesModel:
     return model
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with every key it lacks taken from ``defaults``, at every level of nesting."""
+    return {key: _with_defaults(saved[key], value) if isinstance(value, dict) and isinstance(saved.get(key), dict)
+            else saved.get(key, value) for key, value in defaults.items()} | {k: v for k, v in saved.items() if k not in defaults}
+
+
 def pretrain(cfg: PretrainConfig, log=print) -> ShapesModel:
     """Both stages from scratch, or (``continue_from``) the denoiser of a saved model trained further on a fresh pool.
 
@@ -285,7 +291,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> ShapesModel:
     if cfg.resume:
         if not start_dir.is_dir():
             raise FileNotFoundError(f"nothing to resume in {output} (no {start_dir})")
-        saved = json.loads((checkpoints / CONFIG_FILE).read_text())
+        # A field added since the interrupted run started was its default then.
+        saved = _with_defaults(json.loads((checkpoints / CONFIG_FILE).read_text()), json.loads(json.dumps(PretrainConfig().recipe())))
         current = json.loads(json.dumps(cfg.recipe()))
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if changed:

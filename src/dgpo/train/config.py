@@ -83,6 +83,8 @@ class Config(Freezable):
             (d.micro_batch >= 1, f"data.micro_batch must be >= 1, got {d.micro_batch}"),
             (0 <= d.text_dropout < 1, f"data.text_dropout must be in [0, 1), got {d.text_dropout}"),
             (r.num_steps >= 1, f"rollout.num_steps must be >= 1, got {r.num_steps}"),
+            (r.mixed_precision in ("model", "no", "fp16", "bf16"),
+             f"rollout.mixed_precision must be model, no, fp16 or bf16, got {r.mixed_precision!r}"),
             (r.shift > 0, f"rollout.shift must be > 0, got {r.shift}"),
             (r.guidance_scale >= 1, f"rollout.guidance_scale must be >= 1, got {r.guidance_scale}"),
             (rollout_sampler is None, rollout_sampler),

@@ -10,10 +10,12 @@ prompt embeddings), ``rollouts.py`` (sampling), ``scoring.py`` (rewards and thei
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,6 +68,14 @@ def refuse_sharded_launch() -> None:
                             "model.sharding: fsdp2 to shard the model")
 
 
+def rollout_autocast(mixed_precision: str, accelerator: Accelerator) -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast rollouts sample under: the accelerator's (model.mixed_precision) or rollout.mixed_precision's own."""
+    if mixed_precision == "model":
+        return accelerator.autocast
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    return lambda: torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None)
+
+
 class Trainer:
     def __init__(self, config: Config, accelerator: Accelerator | None = None, log=None, model=None):
         """``model``: an adapter to train instead of loading config.model (benchmarks)."""
@@ -95,7 +105,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.policy.parameters, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.draws = Draws(config.run.seed, r, config.loss, config.run.max_steps, model.latent_shape, self.acc.device)
         self.collectives = Collectives(self.acc, self.layout)
-        self.rollouts = Rollouts(self.policy, self.draws, r, d.group_size, d.micro_batch, self.algorithm.needs_trajectory, self.acc.autocast,
+        self.rollouts = Rollouts(self.policy, self.draws, r, d.group_size, d.micro_batch, self.algorithm.needs_trajectory,
+                                 rollout_autocast(r.mixed_precision, self.acc),
                                  self.count_forwards, lambda slot: self.prompts.for_step(config.run.seed, slot, self.layout.groups_per_step))
         self.counters = StepCounters()
         self.state = RunState.from_config(config.loss.kl_beta)

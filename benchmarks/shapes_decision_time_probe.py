@@ -1,0 +1,105 @@
+"""Probe: at which noise level does a ShapesEval denoiser decide whether an image will pass?
+
+For the test prompts of the categories that depend on words (two objects, counting, position, colour
+attribution) it samples each image as evaluation does (10-step Flow-DPM-Solver, CFG 4.5), verifies
+it, then re-noises that image to each sigma of the rollout grid with fresh noise and solves from there
+again (the grid's remaining steps). If the outcome is already decided at sigma, a passing original
+still passes after the re-noise and a failing one still fails, so the pass rate after re-noising
+splits by the original's verdict; where it is not decided yet, both halves pass at the same rate.
+The decision happens between the largest sigma with no split and the smallest with a full one.
+
+DGPO trains only at timesteps in [t_min, 1]; the split tells which sigmas carry the choice each
+category needs (where the layout, the count and the binding are made). Usage:
+
+    python benchmarks/shapes_decision_time_probe.py [--model DIR] [--adapter RUN_DIR/adapter]
+        [--images-per-category 96] [--output results/x.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dgpo.models import load_model
+from dgpo.models.base import cat_embeddings
+from dgpo.rollout import SamplerSettings
+from dgpo.sampling import cfg_velocity, dpm_solver_sample, flow_sigmas
+from dgpo.seeding import keyed_randn
+from dgpo.shapes.prompts import test_set
+from dgpo.shapes.verifier import verify
+
+CATEGORIES = ("two_object", "counting", "position", "color_attr")
+START_INDICES = (1, 2, 3, 4, 5, 6, 7, 8)
+"""Where to restart on the 10-step grid: sigma 0.964, 0.923, 0.875, 0.818, 0.750, 0.666, 0.562, 0.428."""
+
+
+@torch.no_grad()
+def solve(model, prompts: list[str], start: torch.Tensor, sigmas: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Latents from ``start`` at sigmas[0] down the grid ``sigmas`` (the evaluation's solver and guidance)."""
+    uncond = cat_embeddings([model.encode_prompts([""])] * len(prompts))
+    velocity = cfg_velocity(model.velocity, model.encode_prompts(prompts), uncond, guidance_scale)
+    return dpm_solver_sample(velocity, start, sigmas).sample
+
+
+def split_at(model, specs, latents: torch.Tensor, passed: np.ndarray, sigmas: torch.Tensor, index: int,
+             guidance_scale: float, batch_size: int) -> dict[str, float]:
+    """Pass rates after re-noising to sigmas[index] with fresh noise, for originals that passed and that failed."""
+    sigma = float(sigmas[index])
+    again = []
+    for start in range(0, len(specs), batch_size):
+        chunk = slice(start, start + batch_size)
+        keys = [("decision-time", index, i) for i in range(start, min(start + batch_size, len(specs)))]
+        noise = keyed_randn(model.latent_shape, keys, device=model.device)
+        noisy = (1.0 - sigma) * latents[chunk] + sigma * noise
+        images = model.decode(solve(model, [s.prompt for s in specs[chunk]], noisy, sigmas[index:], guidance_scale)).float()
+        again.extend(verify(spec, image).passed for spec, image in zip(specs[chunk], images))
+    again = np.asarray(again, dtype=bool)
+    return {
+        "sigma": sigma,
+        "pass_after_pass": float(again[passed].mean()) if passed.any() else float("nan"),
+        "pass_after_fail": float(again[~passed].mean()) if (~passed).any() else float("nan"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shipped")
+    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--images-per-category", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model = load_model("shapes", args.model)
+    if args.adapter:
+        model.transformer.load_lora_adapter(args.adapter, use_safetensors=True)
+    settings = SamplerSettings()
+    sigmas = flow_sigmas(settings.num_steps, settings.shift)
+    report = {"command": "python " + shlex.join(sys.argv), "categories": {}}
+    for category in CATEGORIES:
+        plan = [(i, spec, k) for i, (spec, count) in enumerate(test_set(args.images_per_category))
+                if spec.category == category for k in range(count)]
+        specs = [spec for _, spec, _ in plan]
+        noise = keyed_randn(model.latent_shape, [("eval", 0, i, k) for i, _, k in plan], device=model.device)
+        latents = torch.cat([solve(model, [s.prompt for s in specs[j:j + args.batch_size]], noise[j:j + args.batch_size],
+                                   sigmas, settings.guidance_scale) for j in range(0, len(specs), args.batch_size)])
+        passed = np.asarray([verify(s, im).passed for s, im in zip(specs, model.decode(latents).float())], dtype=bool)
+        rows = [split_at(model, specs, latents, passed, sigmas, index, settings.guidance_scale, args.batch_size)
+                for index in START_INDICES]
+        report["categories"][category] = {"images": len(specs), "pass_rate": float(passed.mean()), "restarts": rows}
+        print(f"{category}: {len(specs)} images, pass {passed.mean():.3f}")
+        for row in rows:
+            print(f"  sigma {row['sigma']:.3f}: pass after pass {row['pass_after_pass']:.2f}, after fail {row['pass_after_fail']:.2f}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
