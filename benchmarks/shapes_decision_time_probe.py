@@ -27,6 +27,7 @@ import torch
 
 from dgpo.models import load_model
 from dgpo.models.base import cat_embeddings
+from dgpo.models.merge import load_adapter
 from dgpo.rollout import SamplerSettings
 from dgpo.sampling import cfg_velocity, dpm_solver_sample, flow_sigmas
 from dgpo.seeding import keyed_randn
@@ -77,7 +78,7 @@ def main() -> int:
     torch.set_num_threads(2)
     model = load_model("shapes", args.model)
     if args.adapter:
-        model.transformer.load_lora_adapter(args.adapter, use_safetensors=True)
+        load_adapter(model, args.adapter)
     settings = SamplerSettings()
     sigmas = flow_sigmas(settings.num_steps, settings.shift)
     report = {"command": "python " + shlex.join(sys.argv), "categories": {}}

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dgpo.models import load_model
+from dgpo.models.merge import load_adapter
 from dgpo.shapes.captions import EXACT_CAPTIONS, OPPOSITE_RELATION, caption_scene
 from dgpo.shapes.pretrain import build_pool, pool_latents
 
@@ -68,7 +69,7 @@ def main() -> int:
     torch.set_num_threads(2)
     model = load_model("shapes", args.model)
     if args.adapter:
-        model.transformer.load_lora_adapter(args.adapter, use_safetensors=True)
+        load_adapter(model, args.adapter)
     pool = build_pool(30 * args.renders, seed=5)  # not the pretraining pools' seeds
     report = {"command": "python " + shlex.join(sys.argv)}
     for category, swap in (("position", lambda c, s: swap_relation(c)), ("color_attr", swap_colours)):
