@@ -28,10 +28,10 @@ import torch
 from dgpo.models import load_model
 from dgpo.models.base import cat_embeddings
 from dgpo.models.merge import load_adapter
-from dgpo.rollout import SamplerSettings
-from dgpo.sampling import cfg_velocity, dpm_solver_sample, flow_sigmas
+from dgpo.rollout import SamplerSettings, Samples, sample
+from dgpo.sampling import flow_sigmas
 from dgpo.seeding import keyed_randn
-from dgpo.shapes.prompts import test_set
+from dgpo.shapes.evaluator import eval_plan
 from dgpo.shapes.verifier import verify
 
 CATEGORIES = ("two_object", "counting", "position", "color_attr")
@@ -40,24 +40,23 @@ START_INDICES = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 @torch.no_grad()
-def solve(model, prompts: list[str], start: torch.Tensor, sigmas: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Latents from ``start`` at sigmas[0] down the grid ``sigmas`` (the evaluation's solver and guidance)."""
+def solve(model, prompts: list[str], start: torch.Tensor, settings: SamplerSettings, start_step: int = 0) -> Samples:
+    """Latents and images from ``start`` at the grid's sigma[start_step] to 0: evaluation's rollout, entered mid-grid."""
     uncond = cat_embeddings([model.encode_prompts([""])] * len(prompts))
-    velocity = cfg_velocity(model.velocity, model.encode_prompts(prompts), uncond, guidance_scale)
-    return dpm_solver_sample(velocity, start, sigmas).sample
+    return sample(model, model.encode_prompts(prompts), uncond, start, settings, start_step=start_step)
 
 
-def split_at(model, specs, latents: torch.Tensor, passed: np.ndarray, sigmas: torch.Tensor, index: int,
-             guidance_scale: float, batch_size: int) -> dict[str, float]:
-    """Pass rates after re-noising to sigmas[index] with fresh noise, for originals that passed and that failed."""
-    sigma = float(sigmas[index])
+def split_at(model, specs, latents: torch.Tensor, passed: np.ndarray, settings: SamplerSettings, index: int,
+             batch_size: int) -> dict[str, float]:
+    """Pass rates after re-noising to the grid's sigma[index] with fresh noise, for originals that passed and that failed."""
+    sigma = float(flow_sigmas(settings.num_steps, settings.shift)[index])
     again = []
     for start in range(0, len(specs), batch_size):
         chunk = slice(start, start + batch_size)
         keys = [("decision-time", index, i) for i in range(start, min(start + batch_size, len(specs)))]
         noise = keyed_randn(model.latent_shape, keys, device=model.device)
         noisy = (1.0 - sigma) * latents[chunk] + sigma * noise
-        images = model.decode(solve(model, [s.prompt for s in specs[chunk]], noisy, sigmas[index:], guidance_scale)).float()
+        images = solve(model, [s.prompt for s in specs[chunk]], noisy, settings, index).images
         again.extend(verify(spec, image).passed for spec, image in zip(specs[chunk], images))
     again = np.asarray(again, dtype=bool)
     return {
@@ -80,17 +79,17 @@ def main() -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
     settings = SamplerSettings()
-    sigmas = flow_sigmas(settings.num_steps, settings.shift)
     report = {"command": "python " + shlex.join(sys.argv), "categories": {}}
+    all_specs, all_keys, _ = eval_plan(args.images_per_category)
     for category in CATEGORIES:
-        plan = [(i, spec, k) for i, (spec, count) in enumerate(test_set(args.images_per_category))
-                if spec.category == category for k in range(count)]
-        specs = [spec for _, spec, _ in plan]
-        noise = keyed_randn(model.latent_shape, [("eval", 0, i, k) for i, _, k in plan], device=model.device)
-        latents = torch.cat([solve(model, [s.prompt for s in specs[j:j + args.batch_size]], noise[j:j + args.batch_size],
-                                   sigmas, settings.guidance_scale) for j in range(0, len(specs), args.batch_size)])
-        passed = np.asarray([verify(s, im).passed for s, im in zip(specs, model.decode(latents).float())], dtype=bool)
-        rows = [split_at(model, specs, latents, passed, sigmas, index, settings.guidance_scale, args.batch_size)
+        chosen = [i for i, spec in enumerate(all_specs) if spec.category == category]
+        specs = [all_specs[i] for i in chosen]
+        noise = keyed_randn(model.latent_shape, [all_keys[i] for i in chosen], device=model.device)
+        originals = [solve(model, [s.prompt for s in specs[j:j + args.batch_size]], noise[j:j + args.batch_size], settings)
+                     for j in range(0, len(specs), args.batch_size)]
+        latents = torch.cat([o.latents for o in originals])
+        passed = np.asarray([verify(s, im).passed for s, im in zip(specs, torch.cat([o.images for o in originals]))], dtype=bool)
+        rows = [split_at(model, specs, latents, passed, settings, index, args.batch_size)
                 for index in START_INDICES]
         report["categories"][category] = {"images": len(specs), "pass_rate": float(passed.mean()), "restarts": rows}
         print(f"{category}: {len(specs)} images, pass {passed.mean():.3f}")

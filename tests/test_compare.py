@@ -7,6 +7,7 @@ import json
 import pytest
 
 from dgpo.cli import main
+from dgpo.evaluators import get_evaluator
 from dgpo.train.compare import summarize, time_to_threshold
 
 
@@ -102,7 +103,7 @@ def test_compare_forward_budget_stops_a_recipe_at_the_step_that_spends_it(tiny_m
     assert [int(r["step"]) for r in budgeted] == [0, 1, 2]
     assert [float(r["forward_equivalents"]) for r in budgeted] == per_step[:3]
     # No --threshold: the evaluator's own (ShapesEval's) are timed.
-    assert json.loads((tmp_path / "budget" / "summary.json").read_text())["thresholds"] == [0.7, 0.8]
+    assert json.loads((tmp_path / "budget" / "summary.json").read_text())["thresholds"] == list(get_evaluator("shapes").default_thresholds)
 
 
 def test_compare_trains_every_seed_and_keeps_each_in_the_curves(tiny_model_dir, tmp_path):

@@ -327,3 +327,20 @@ def test_new_algorithms_two_processes_match_one_process(tiny_model_dir, tmp_path
     for name, value in one["params"].items():
         # Adam normalises each element's step, so near-zero gradients turn last-bit differences into ~1e-6 ones.
         torch.testing.assert_close(two["params"][name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ema_reference", [False, True])
+def test_dgpo_ema_reference_trails_the_policy_and_the_kl_stays_to_the_base(tiny_model_dir, tmp_path, ema_reference):
+    """With rollout.ema_decay 0 the rollout EMA is the policy itself, so against it DGPO's margin is exactly 0 at every
+    step (sigmoid weight 1/2); against the frozen base it is 0 at step 0 only. The KL is to the base either way."""
+    overrides = {"rollout.ema_decay": 0.0, "rollout.ema_ramp": 0.0, "loss.ema_reference": ema_reference, "run.max_steps": 3}
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), **QUIET)
+    trainer.train()
+    history = trainer.counters.history
+    assert history[0]["margin_mean"] == 0.0 and history[0]["kl"] == 0.0
+    later = history[1:]
+    assert all(h["kl"] > 0.0 for h in later)
+    if ema_reference:
+        assert all(h["margin_mean"] == 0.0 and h["sigmoid_weight_mean"] == 0.5 for h in later)
+    else:
+        assert all(h["margin_mean"] != 0.0 for h in later)

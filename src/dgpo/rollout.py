@@ -46,14 +46,19 @@ def sample(
     step_noise: torch.Tensor | None = None,
     sde_steps: torch.Tensor | None = None,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ) -> Samples:
     """Integrate from ``noise`` over ``flow_sigmas(settings.num_steps, settings.shift)`` with the guided velocity
 
         v = v(x, uncond) + guidance_scale * (v(x, cond) - v(x, uncond))      (one batched forward; plain v(x, cond) at scale 1)
 
     and decode. ``step_noise`` (B, num_steps, ...) and ``sde_steps`` (B, num_steps) go to a stochastic sampler only.
+    With ``start_step`` k, ``noise`` is a latent already at the grid's sigma_k (a re-noised image, say) and the
+    solver takes the grid's remaining num_steps - k steps (the per-step inputs then have num_steps - k entries).
     """
-    sigmas = flow_sigmas(settings.num_steps, settings.shift, device=noise.device)
+    if not 0 <= start_step < settings.num_steps:
+        raise ValueError(f"start_step must be in [0, {settings.num_steps}), got {start_step}")
+    sigmas = flow_sigmas(settings.num_steps, settings.shift, device=noise.device)[start_step:]
     velocity_fn = cfg_velocity(model.velocity, cond, uncond, settings.guidance_scale)
     out = SAMPLER_REGISTRY.get(settings.sampler).sample(
         velocity_fn, noise, sigmas, noise_level=settings.noise_level, step_noise=step_noise, sde_steps=sde_steps, return_trajectory=return_trajectory,

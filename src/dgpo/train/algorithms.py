@@ -173,16 +173,19 @@ def renoise(ctx: UpdateContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def preference_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float]]:
-    """The group preference loss of DGPO (paper Eq. 17) on re-noised final samples."""
+    """The group preference loss of DGPO (paper Eq. 17) on re-noised final samples. Its reference is the frozen
+    base, or with ``loss.ema_reference`` the rollout EMA, a reference that trails the policy; the KL is to the base."""
     loss_cfg = ctx.loss
     xt, sigma, target = renoise(ctx)
-    v_ref = ctx.guided_reference_velocity(xt, sigma)
-    if loss_cfg.ppo_clip_eps > 0:
+    needs_old = loss_cfg.ppo_clip_eps > 0 or loss_cfg.ema_reference
+    needs_base = loss_cfg.kl_beta > 0 or not loss_cfg.ema_reference
+    v_base = ctx.guided_reference_velocity(xt, sigma) if needs_base else None
+    if needs_old:
         # Before the policy forward: swapping EMA weights in place would invalidate its autograd graph.
         err_old = per_sample_mse(ctx.old_velocity(xt, sigma, ctx.embeddings).float(), target)
     v_theta = ctx.velocity(xt, sigma, ctx.embeddings)
     err_theta = per_sample_mse(v_theta.float(), target)
-    err_ref = per_sample_mse(v_ref.float(), target)
+    err_ref = err_old if loss_cfg.ema_reference else per_sample_mse(v_base.float(), target)
     extra = {}
     if loss_cfg.ppo_clip_eps > 0:
         clipped = ppo_clip_mask(ctx.advantages, err_theta, err_old, loss_cfg.ppo_clip_eps)
@@ -194,12 +197,12 @@ def preference_update(ctx: UpdateContext) -> tuple[torch.Tensor, dict[str, float
     )
     metrics.update(extra)
     if loss_cfg.kl_beta > 0:
-        kl = velocity_kl(v_theta.float(), v_ref.float())
+        kl = velocity_kl(v_theta.float(), v_base.float())
         # kl_beta is the reference code's beta_kl: the KL is weighted on the preference loss's scale.
         loss = loss + dgpo_kl_term(kl, loss_cfg.beta, loss_cfg.kl_beta, ctx.groups_per_step)
         metrics["kl"] = kl.mean().detach()
-    ref_forwards = (2 if loss_cfg.reference_guidance_scale != 1 else 1) + (1 if loss_cfg.ppo_clip_eps > 0 else 0)
-    ctx.count_forwards(len(ctx.sample_ids) * (3 + ref_forwards))
+    base_forwards = (2 if loss_cfg.reference_guidance_scale != 1 else 1) if needs_base else 0
+    ctx.count_forwards(len(ctx.sample_ids) * (3 + base_forwards + (1 if needs_old else 0)))
     return loss, {k: float(v) for k, v in metrics.items()}
 
 

@@ -34,6 +34,9 @@ from .sections import (
 )
 from .sharding import SHARDINGS
 
+PRECISIONS = ("no", "fp16", "bf16")
+"""What model.mixed_precision (and rollout.mixed_precision, besides "model") may be: accelerate's names."""
+
 
 class ConfigError(ValueError):
     """A configuration problem, stated in one line."""
@@ -83,8 +86,8 @@ class Config(Freezable):
             (d.micro_batch >= 1, f"data.micro_batch must be >= 1, got {d.micro_batch}"),
             (0 <= d.text_dropout < 1, f"data.text_dropout must be in [0, 1), got {d.text_dropout}"),
             (r.num_steps >= 1, f"rollout.num_steps must be >= 1, got {r.num_steps}"),
-            (r.mixed_precision in ("model", "no", "fp16", "bf16"),
-             f"rollout.mixed_precision must be model, no, fp16 or bf16, got {r.mixed_precision!r}"),
+            (r.mixed_precision in ("model", *PRECISIONS),
+             f"rollout.mixed_precision must be model, {', '.join(PRECISIONS)}, got {r.mixed_precision!r}"),
             (r.shift > 0, f"rollout.shift must be > 0, got {r.shift}"),
             (r.guidance_scale >= 1, f"rollout.guidance_scale must be >= 1, got {r.guidance_scale}"),
             (rollout_sampler is None, rollout_sampler),
@@ -128,7 +131,7 @@ class Config(Freezable):
              f"reward.options names rewards without a weight: {sorted(set(self.reward.options) - set(self.reward.weights))}"),
             (m.resolution >= 0, f"model.resolution must be >= 0 (0 = the backend's default), got {m.resolution}"),
             (m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}"),
-            (m.mixed_precision in ("no", "fp16", "bf16"), f"model.mixed_precision must be no, fp16 or bf16, got {m.mixed_precision!r}"),
+            (m.mixed_precision in PRECISIONS, f"model.mixed_precision must be {', '.join(PRECISIONS)}, got {m.mixed_precision!r}"),
             (m.sharding in SHARDINGS, f"model.sharding must be {' or '.join(SHARDINGS.names())}, got {m.sharding!r}"),
             (not m.cpu_offload or m.sharding == "fsdp2", "model.cpu_offload needs model.sharding=fsdp2"),
             (m.sharding == "none" or self.optim.optimizer == "adamw", f"model.sharding={m.sharding} needs optim.optimizer=adamw "

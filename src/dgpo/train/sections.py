@@ -115,6 +115,9 @@ class LossConfig(Freezable):
                            "preference loss's scale (x beta x G), so the ratio of the two gradients is the reference code's. "
                            "flow_grpo: Flow-GRPO's per-step KL weight (0.04). diffusionnft, awm: weight of mean((v_theta - v_ref)^2) "
                            "averaged over samples and timesteps, as in their code (DiffusionNFT 1e-4; AWM 1e-3 GenEval, 3e-3 OCR)", default=0.0)
+    ema_reference: bool = _help("dgpo, diffusion_dpo: the preference loss's reference is the rollout EMA (the old policy) instead of the "
+                                "frozen base, the reference code's use_ema_ref (paper: beta_dpo 2000-5000 with it); the KL stays to the base",
+                                default=False)
     reference_guidance_scale: float = _help("CFG of the reference model in training (paper mode 2: 4.5; mode 1: 1)", default=1.0)
     ppo_clip_eps: float = _help("dgpo: PPO-style clip against the rollout EMA model (paper: 1e-3..1e-2; 0 = off); "
                                 "flow_grpo: the ratio clip (Flow-GRPO 1e-4, required)", default=0.0)
