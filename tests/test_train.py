@@ -13,6 +13,7 @@ import torch
 
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
+from dgpo.train.optim import learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,6 +207,16 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_model_dir, tmp_path
     assert rewards(straight) == rewards(resumed)
     logged = [json.loads(line)["reward_mean"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert logged == rewards(straight)
+
+
+def test_training_sets_the_scheduled_learning_rate_at_every_step(tiny_model_dir, tmp_path):
+    overrides = {"run.max_steps": 3, "optim.lr_schedule": "linear", "optim.lr": 1e-3}
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)))
+    trainer.train()
+    logged = [h["lr"] for h in trainer.counters.history]
+    assert logged == [learning_rate(step, 1e-3, "linear", 0, 3) for step in range(3)]
+    assert logged[0] > logged[1] > logged[2] > 0
+    assert all(group["lr"] == logged[-1] for group in trainer.optimizer.param_groups)
 
 
 def test_resume_keeps_a_kl_weight_the_guard_raised_unless_the_config_changes_it(tiny_model_dir, tmp_path):

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from dgpo.train.collectives import Collectives
-from dgpo.train.config import load_config
+from dgpo.train.config import ConfigError, load_config
 from dgpo.train.data import GroupLayout, Prompt
 from dgpo.train.draws import Draws
+from dgpo.train.optim import learning_rate
 from dgpo.train.scoring import RewardFailure, Scorer, rewards_by_category
 
 
@@ -91,3 +92,24 @@ def test_rewards_by_category_average_each_categorys_groups_and_skip_invalid_rewa
     by_category = rewards_by_category(["position", "counting", "position", None], rewards, group_size=2)
     assert by_category == {"reward_by/position": 4.0, "reward_by/counting": 0.0}
     assert rewards_by_category([None, None], torch.ones(4), group_size=2) == {}
+
+
+def test_learning_rate_warms_up_then_follows_its_schedule_to_the_last_step():
+    lr, steps = 1e-3, 11
+    # no warm-up: every schedule starts at optim.lr; cosine and linear reach 0 at run.max_steps
+    assert all(learning_rate(0, lr, name, 0, steps + 1) == lr for name in ("constant", "cosine", "linear"))
+    assert learning_rate(steps, lr, "linear", 0, steps) == 0.0 and learning_rate(steps, lr, "cosine", 0, steps) < 1e-20
+    # cosine is symmetric about the middle of the run, linear is a straight line, constant is flat
+    for step in range(steps + 1):
+        mirrored = steps - step
+        assert learning_rate(step, lr, "cosine", 0, steps) + learning_rate(mirrored, lr, "cosine", 0, steps) == pytest.approx(lr)
+        assert learning_rate(step, lr, "linear", 0, steps) == pytest.approx(lr * (1 - step / steps))
+        assert learning_rate(step, lr, "constant", 0, steps) == lr
+    # warm-up: lr * (k + 1) / warmup for the first steps, then the schedule starts from 1
+    warm = [learning_rate(k, lr, "linear", 4, 14) for k in range(6)]
+    assert warm == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr, lr, 0.9 * lr])
+
+
+def test_config_refuses_an_unknown_schedule():
+    with pytest.raises(ConfigError, match="optim.lr_schedule must be one of constant, cosine, linear"):
+        load_config(None, ["optim.lr_schedule=step"])

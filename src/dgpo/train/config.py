@@ -20,7 +20,7 @@ import yaml
 from ..evaluators import EVALUATORS, NONE, PROMPT_SET, resolve_evaluator
 from ..sampling import SAMPLER_REGISTRY, sampler_check
 from .algorithms import ADVANTAGES, ALGORITHMS
-from .optim import OPTIMIZERS
+from .optim import LR_SCHEDULES, OPTIMIZERS
 from .sections import (
     DataConfig,
     EvalConfig,
@@ -137,6 +137,8 @@ class Config(Freezable):
             (m.sharding == "none" or self.optim.optimizer == "adamw", f"model.sharding={m.sharding} needs optim.optimizer=adamw "
              "(bitsandbytes' 8-bit AdamW does not take sharded DTensor parameters)"),
             (self.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optim.optimizer!r}"),
+            (self.optim.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES.names())}, got {self.optim.lr_schedule!r}"),
+            (self.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.run.max_seconds >= 0, f"run.max_seconds must be >= 0 (0 = no limit), got {self.run.max_seconds}"),
             (self.run.max_forward_equivalents >= 0, f"run.max_forward_equivalents must be >= 0 (0 = no limit), got {self.run.max_forward_equivalents}"),

@@ -45,7 +45,7 @@ from .data import GroupLayout, PromptSource
 from .draws import Draws
 from .ema import ParameterEMA, eval_ema_decay, ramped_decay
 from .metrics_log import MetricsLog
-from .optim import optimizer_class
+from .optim import learning_rate, optimizer_class
 from .policy import Policy
 from .rollouts import Rollout, Rollouts
 from .scoring import RewardFailure, Scorer, rewards_by_category
@@ -206,10 +206,14 @@ class Trainer:
                         total[1] += 1
         self.sharding.reduce_gradients(self.collectives, policy.parameters)
         grad_norm = clip_grad_norm(policy.parameters, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
+        lr = learning_rate(step, c.optim.lr, c.optim.lr_schedule, c.optim.warmup_steps, c.run.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = {key: value / count if count else float("nan") for key, (value, count) in totals.items()}
         out["grad_norm"] = grad_norm  # the total norm before clipping
+        out["lr"] = lr
         return out
 
     # ----- checkpoints, resume, signals ------------------------------------------------------

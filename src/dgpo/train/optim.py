@@ -1,9 +1,14 @@
-"""The optimizer named by ``optim.optimizer``: torch's AdamW, or bitsandbytes' 8-bit AdamW where installed."""
+"""The optimizer named by ``optim.optimizer`` (torch's AdamW, or bitsandbytes' 8-bit AdamW where installed) and the
+learning-rate schedules named by ``optim.lr_schedule``."""
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 
 from ..errors import UserError
+from ..registry import Registry
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -21,3 +26,33 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     except ImportError:
         raise UserError("optim.optimizer=adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
     return bitsandbytes.optim.AdamW8bit
+
+
+LrSchedule = Callable[[float], float]
+"""The multiplier of optim.lr at a run's progress p in [0, 1] (the warm-up is applied on top of it)."""
+LR_SCHEDULES: Registry[LrSchedule] = Registry("learning-rate schedule")
+
+
+@LR_SCHEDULES.register("constant")
+def constant_schedule(progress: float) -> float:
+    return 1.0
+
+
+@LR_SCHEDULES.register("cosine")
+def cosine_schedule(progress: float) -> float:
+    """1 -> 0 along half a cosine."""
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@LR_SCHEDULES.register("linear")
+def linear_schedule(progress: float) -> float:
+    """1 -> 0 in a straight line."""
+    return 1.0 - progress
+
+
+def learning_rate(step: int, lr: float, schedule: str, warmup_steps: int, max_steps: int) -> float:
+    """optim.lr at 0-based ``step``: a linear warm-up over the first ``warmup_steps`` steps, then ``schedule`` over the rest of
+    run.max_steps. A function of the step alone, so a resumed run follows the uninterrupted one's learning rates."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, max_steps - warmup_steps)))
+    return lr * warmup * LR_SCHEDULES.get(schedule)(progress)

@@ -140,6 +140,9 @@ class OptimConfig(Freezable):
                              "gradient, beta x G (= beta_dpo) times the DGPO reference code's, so the reference's max_grad_norm 1.0 is "
                              "beta x G here (100 at the default beta and G, and in the SD3.5-M GenEval recipe); flow_grpo's gradient is Flow-GRPO's "
                              "own, so its recipe sets 1.0", default=100.0)
+    lr_schedule: str = _help("learning-rate schedule over run.max_steps (registered, dgpo.train.optim.LR_SCHEDULES): constant, "
+                             "cosine (to 0) or linear (to 0); a run stopped by run.max_seconds ends before the schedule does", default="constant")
+    warmup_steps: int = _help("linear learning-rate warm-up over the first N steps (0 = none)", default=0)
     updates_per_rollout: int = _help("optimizer steps on each rollout batch (fresh training timesteps and noise each; "
                                      "Flow-GRPO's inner epochs; 1 = the paper's DGPO)", default=1)
 
