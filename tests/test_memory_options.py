@@ -53,8 +53,29 @@ def test_adamw8bit_without_bitsandbytes_is_a_one_line_error_before_the_model_loa
 def test_unknown_optimizer_is_a_config_error():
     from dgpo.train.config import ConfigError
 
-    with pytest.raises(ConfigError, match="optim.optimizer must be adamw or adamw8bit, got 'adam8bit'"):
+    with pytest.raises(ConfigError, match="optim.optimizer must be one of adamw, adamw8bit, got 'adam8bit'"):
         load_config(None, ["optim.optimizer=adam8bit"])
+
+
+def test_an_optimizer_registered_from_outside_the_package_trains(tiny_model_dir, tmp_path):
+    from dgpo.train.optim import OPTIMIZERS
+
+    made = []
+
+    class RecordingSGD(torch.optim.SGD):
+        def __init__(self, params, lr, betas, weight_decay):
+            made.append(lr)
+            super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+    OPTIMIZERS.register("sgd_for_test")(lambda: RecordingSGD)
+    try:
+        trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"optim.optimizer": "sgd_for_test", "run.max_steps": 1})))
+        before = trainable_state(trainer)
+        trainer.train()
+    finally:
+        OPTIMIZERS.unregister("sgd_for_test")
+    assert isinstance(trainer.optimizer, RecordingSGD) and made == [trainer.config.optim.lr]
+    assert any(not torch.equal(before[n], p) for n, p in trainer.trainable)
 
 
 @pytest.fixture(scope="module")

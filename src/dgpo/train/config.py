@@ -136,7 +136,7 @@ class Config(Freezable):
             (not m.cpu_offload or m.sharding == "fsdp2", "model.cpu_offload needs model.sharding=fsdp2"),
             (m.sharding == "none" or self.optim.optimizer == "adamw", f"model.sharding={m.sharding} needs optim.optimizer=adamw "
              "(bitsandbytes' 8-bit AdamW does not take sharded DTensor parameters)"),
-            (self.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optim.optimizer!r}"),
+            (self.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {', '.join(OPTIMIZERS.names())}, got {self.optim.optimizer!r}"),
             (self.optim.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES.names())}, got {self.optim.lr_schedule!r}"),
             (self.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),

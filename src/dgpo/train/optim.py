@@ -10,22 +10,31 @@ import torch
 from ..errors import UserError
 from ..registry import Registry
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+OptimizerFactory = Callable[[], type[torch.optim.Optimizer]]
+"""Returns the optimizer class, importing what it needs only when a run asks for it. Every class takes
+``(params, lr=, betas=, weight_decay=)``."""
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 
 
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The class for ``name``; a one-line error naming the install line when bitsandbytes is missing.
+@OPTIMIZERS.register("adamw")
+def adamw() -> type[torch.optim.Optimizer]:
+    return torch.optim.AdamW
 
-    Both take ``(params, lr=, betas=, weight_decay=)``. AdamW8bit keeps the moments of tensors with
-    4096+ elements in 8 bits (block-wise quantised, state ``uint8``); smaller tensors keep 32-bit moments.
-    """
-    if name == "adamw":
-        return torch.optim.AdamW
+
+@OPTIMIZERS.register("adamw8bit")
+def adamw8bit() -> type[torch.optim.Optimizer]:
+    """bitsandbytes' AdamW8bit: the moments of tensors with 4096+ elements in 8 bits (block-wise quantised, state
+    ``uint8``), smaller tensors' in 32 bits; a one-line error naming the install line when bitsandbytes is missing."""
     try:
         import bitsandbytes
     except ImportError:
         raise UserError("optim.optimizer=adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes)") from None
     return bitsandbytes.optim.AdamW8bit
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The class registered as ``name`` (``optim.optimizer``)."""
+    return OPTIMIZERS.get(name)()
 
 
 LrSchedule = Callable[[float], float]

@@ -131,7 +131,8 @@ class LossConfig(Freezable):
 
 @dataclass
 class OptimConfig(Freezable):
-    optimizer: str = _help("adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: moments of tensors with 4096+ elements "
+    optimizer: str = _help("registered (dgpo.train.optim.OPTIMIZERS): adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: moments of "
+                           "tensors with 4096+ elements "
                            "kept in 8 bits, about 75% less optimizer memory; pip install bitsandbytes)", default="adamw")
     lr: float = _help("AdamW learning rate", default=3e-4)
     weight_decay: float = _help("AdamW weight decay", default=1e-4)
