@@ -58,7 +58,8 @@ def test_unknown_optimizer_is_a_config_error():
 
 
 def test_an_optimizer_registered_from_outside_the_package_trains(tiny_model_dir, tmp_path):
-    from dgpo.train.optim import OPTIMIZERS
+    from dgpo.train.config import ConfigError
+    from dgpo.train.optim import OPTIMIZERS, register_optimizer
 
     made = []
 
@@ -67,8 +68,10 @@ def test_an_optimizer_registered_from_outside_the_package_trains(tiny_model_dir,
             made.append(lr)
             super().__init__(params, lr=lr, weight_decay=weight_decay)
 
-    OPTIMIZERS.register("sgd_for_test")(lambda: RecordingSGD)
+    register_optimizer("sgd_for_test", takes_sharded_parameters=False)(lambda: RecordingSGD)
     try:
+        with pytest.raises(ConfigError, match="model.sharding=fsdp2 needs an optim.optimizer that takes sharded"):
+            load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"optim.optimizer": "sgd_for_test", "model.sharding": "fsdp2"}))
         trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"optim.optimizer": "sgd_for_test", "run.max_steps": 1})))
         before = trainable_state(trainer)
         trainer.train()

@@ -134,8 +134,9 @@ class Config(Freezable):
             (m.mixed_precision in PRECISIONS, f"model.mixed_precision must be {', '.join(PRECISIONS)}, got {m.mixed_precision!r}"),
             (m.sharding in SHARDINGS, f"model.sharding must be {' or '.join(SHARDINGS.names())}, got {m.sharding!r}"),
             (not m.cpu_offload or m.sharding == "fsdp2", "model.cpu_offload needs model.sharding=fsdp2"),
-            (m.sharding == "none" or self.optim.optimizer == "adamw", f"model.sharding={m.sharding} needs optim.optimizer=adamw "
-             "(bitsandbytes' 8-bit AdamW does not take sharded DTensor parameters)"),
+            (m.sharding == "none" or self.optim.optimizer not in OPTIMIZERS or OPTIMIZERS.get(self.optim.optimizer).takes_sharded_parameters,
+             f"model.sharding={m.sharding} needs an optim.optimizer that takes sharded (DTensor) parameters "
+             f"({', '.join(n for n in OPTIMIZERS.names() if OPTIMIZERS.get(n).takes_sharded_parameters)}), got {self.optim.optimizer!r}"),
             (self.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {', '.join(OPTIMIZERS.names())}, got {self.optim.optimizer!r}"),
             (self.optim.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES.names())}, got {self.optim.lr_schedule!r}"),
             (self.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -13,18 +14,39 @@ from ..registry import Registry
 OptimizerFactory = Callable[[], type[torch.optim.Optimizer]]
 """Returns the optimizer class, importing what it needs only when a run asks for it. Every class takes
 ``(params, lr=, betas=, weight_decay=)``."""
-OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 
 
-@OPTIMIZERS.register("adamw")
+@dataclass(frozen=True)
+class Optimizer:
+    """A registered optimizer: its class's factory and whether it steps FSDP2's sharded (DTensor) parameters,
+    which ``model.sharding`` needs."""
+
+    factory: OptimizerFactory
+    takes_sharded_parameters: bool
+
+
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
+
+
+def register_optimizer(name: str, takes_sharded_parameters: bool = True) -> Callable[[OptimizerFactory], OptimizerFactory]:
+    """Register ``factory`` as ``optim.optimizer=name``; ``takes_sharded_parameters=False`` keeps it out of sharded runs."""
+    def decorator(factory: OptimizerFactory) -> OptimizerFactory:
+        OPTIMIZERS.register(name)(Optimizer(factory, takes_sharded_parameters))
+        return factory
+
+    return decorator
+
+
+@register_optimizer("adamw")
 def adamw() -> type[torch.optim.Optimizer]:
     return torch.optim.AdamW
 
 
-@OPTIMIZERS.register("adamw8bit")
+@register_optimizer("adamw8bit", takes_sharded_parameters=False)
 def adamw8bit() -> type[torch.optim.Optimizer]:
     """bitsandbytes' AdamW8bit: the moments of tensors with 4096+ elements in 8 bits (block-wise quantised, state
-    ``uint8``), smaller tensors' in 32 bits; a one-line error naming the install line when bitsandbytes is missing."""
+    ``uint8``), smaller tensors' in 32 bits; a one-line error naming the install line when bitsandbytes is missing.
+    Its quantised state does not take sharded DTensor parameters."""
     try:
         import bitsandbytes
     except ImportError:
@@ -34,7 +56,7 @@ def adamw8bit() -> type[torch.optim.Optimizer]:
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The class registered as ``name`` (``optim.optimizer``)."""
-    return OPTIMIZERS.get(name)()
+    return OPTIMIZERS.get(name).factory()
 
 
 LrSchedule = Callable[[float], float]
