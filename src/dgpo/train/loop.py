@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
-from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..models import load_model
@@ -44,7 +43,7 @@ from .config import Config, save_config
 from .data import GroupLayout, PromptSource
 from .draws import Draws
 from .ema import ParameterEMA, eval_ema_decay, ramped_decay
-from .metrics_log import MetricsLog
+from .metrics_log import BudgetBar, MetricsLog
 from .optim import learning_rate, optimizer_class
 from .policy import Policy
 from .rollouts import Rollout, Rollouts
@@ -295,9 +294,7 @@ class Trainer:
     def finished(self) -> bool:
         """run.max_steps reached, or run.max_seconds or run.max_forward_equivalents of training spent, or the guard stopped the run."""
         r = self.config.run
-        out_of_time = r.max_seconds > 0 and self.counters.elapsed_seconds >= r.max_seconds
-        out_of_compute = r.max_forward_equivalents > 0 and self.counters.forward_equivalents >= r.max_forward_equivalents
-        return self.counters.step >= r.max_steps or out_of_time or out_of_compute or self.state.guard_stopped
+        return self.counters.budget_spent(r.max_steps, r.max_seconds, r.max_forward_equivalents) >= 1 or self.state.guard_stopped
 
     def train(self, resume: bool = False, on_step=None) -> int:
         """Run to ``run.max_steps``; returns 0, or PREEMPTED_EXIT_CODE after a signal-triggered checkpoint."""
@@ -311,7 +308,7 @@ class Trainer:
         r = self.config.run
         progress = self.algorithm.curves[0] if self.algorithm.curves else None
         try:
-            bar = tqdm(total=r.max_steps, initial=self.counters.step, desc="dgpo", disable=not self.acc.is_main_process)
+            bar = BudgetBar(r, self.counters, disable=not self.acc.is_main_process)
             while not self.finished():
                 try:
                     metrics = self.train_step()
@@ -320,9 +317,8 @@ class Trainer:
                     self.save()
                     raise
                 self.metrics_log.append(metrics)
-                bar.update(1)
                 shown = {progress[0]: f"{metrics.get(progress[0], float('nan')):.3g}"} if progress else {}
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", **shown)
+                bar.advance(reward=f"{metrics['reward_mean']:.3f}", **shown)
                 if on_step is not None:
                     on_step(self, metrics)
                 done = self.finished()

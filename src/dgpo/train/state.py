@@ -16,6 +16,16 @@ class StepCounters:
     elapsed_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
 
+    def budget_spent(self, max_steps: int, max_seconds: float = 0.0, max_forward_equivalents: float = 0.0) -> float:
+        """The largest share spent of the run's budgets: steps, and training seconds and forward equivalents
+        where nonzero (0 = no limit). 1 or more: the run is done."""
+        spent = [self.step / max_steps if max_steps else 1.0]
+        if max_seconds:
+            spent.append(self.elapsed_seconds / max_seconds)
+        if max_forward_equivalents:
+            spent.append(self.forward_equivalents / max_forward_equivalents)
+        return max(spent)
+
 
 @dataclass
 class RunState:
