@@ -6,11 +6,13 @@ log-probs) under classifier-free guidance. What to draw (keyed noise) and what t
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .models.base import FlowModelAdapter, PromptEmbeddings
+from .models.lora_fold import lora_folded
 from .sampling import SAMPLER_REGISTRY, cfg_velocity, flow_sigmas
 
 
@@ -47,12 +49,15 @@ def sample(
     sde_steps: torch.Tensor | None = None,
     return_trajectory: bool = False,
     start_step: int = 0,
+    fold_lora: bool = True,
 ) -> Samples:
     """Integrate from ``noise`` over ``flow_sigmas(settings.num_steps, settings.shift)`` with the guided velocity
 
         v = v(x, uncond) + guidance_scale * (v(x, cond) - v(x, uncond))      (one batched forward; plain v(x, cond) at scale 1)
 
-    and decode. ``step_noise`` (B, num_steps, ...) and ``sde_steps`` (B, num_steps) go to a stochastic sampler only.
+    and decode. With ``fold_lora``, the transformer's LoRA, if any is active, is folded into its weights for the solve
+    (``lora_folded``: the same velocities up to float rounding, without the LoRA path at every forward).
+    ``step_noise`` (B, num_steps, ...) and ``sde_steps`` (B, num_steps) go to a stochastic sampler only.
     With ``start_step`` k, ``noise`` is a latent already at the grid's sigma_k (a re-noised image, say) and the
     solver takes the grid's remaining num_steps - k steps (the per-step inputs then have num_steps - k entries).
     """
@@ -60,9 +65,10 @@ def sample(
         raise ValueError(f"start_step must be in [0, {settings.num_steps}), got {start_step}")
     sigmas = flow_sigmas(settings.num_steps, settings.shift, device=noise.device)[start_step:]
     velocity_fn = cfg_velocity(model.velocity, cond, uncond, settings.guidance_scale)
-    out = SAMPLER_REGISTRY.get(settings.sampler).sample(
-        velocity_fn, noise, sigmas, noise_level=settings.noise_level, step_noise=step_noise, sde_steps=sde_steps, return_trajectory=return_trajectory,
-    )
+    with lora_folded(model.transformer) if fold_lora else contextlib.nullcontext():
+        out = SAMPLER_REGISTRY.get(settings.sampler).sample(
+            velocity_fn, noise, sigmas, noise_level=settings.noise_level, step_noise=step_noise, sde_steps=sde_steps, return_trajectory=return_trajectory,
+        )
     latents = out.sample.float()
     images = model.decode(latents).float()
     trajectory = torch.stack(out.trajectory, dim=1).float() if out.trajectory is not None else None
