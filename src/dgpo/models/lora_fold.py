@@ -1,8 +1,8 @@
 """Sampling with a LoRA folded into its base weights: one weight per layer instead of the LoRA path at every forward.
 
 A peft LoRA layer computes W x + s B (A x) at every forward; a rollout of the ShapesEval recipe runs each layer
-20 times a sample (10 solver steps, CFG), so the two extra matrix products and the sum cost about a tenth of
-its time on a CPU (`benchmarks/step_profile.py`). ``lora_folded`` forms W + s B A once and turns the adapter
+20 times a sample (10 solver steps, CFG), and the two extra matrix products and the sum cost 8% of a rollout's
+time on a 2-core CPU (`benchmarks/rollout_lora_fold.py`, results/machine_speed/). ``lora_folded`` forms W + s B A once and turns the adapter
 path off for the duration; the base weights are swapped back afterwards, bit for bit (no merge-then-unmerge
 rounding creeping into the frozen reference). The folded forward equals the unfolded one up to float rounding.
 """
@@ -38,15 +38,15 @@ def lora_folded(transformer: nn.Module):
         yield
         return
     originals = []
-    with torch.no_grad():
-        for layer in layers:
-            weight = layer.get_base_layer().weight
-            delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-            originals.append((weight, weight.data))
-            weight.data = weight.data + delta.to(weight.dtype)
-    for layer in layers:
-        layer.enable_adapters(False)
     try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                originals.append((weight, weight.data))
+                weight.data = weight.data + delta.to(weight.dtype)
+        for layer in layers:
+            layer.enable_adapters(False)
         yield
     finally:
         for weight, data in originals:
