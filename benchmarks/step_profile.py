@@ -17,11 +17,10 @@ import platform
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
@@ -49,24 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as output:
         overrides = [f"run.max_steps={args.steps}", "eval.every=0", "run.save_every=0", "run.tensorboard=false", f"run.output_dir={output}", *args.set]
         trainer = Trainer(load_config(args.config, overrides))
-        profiler = profile(activities=[ProfilerActivity.CPU])
-        steps: list[dict] = []
-        started = [0.0]
-
-        def on_step(trainer, metrics: dict) -> None:
-            if len(steps) == args.steps - 1:
-                profiler.__exit__(None, None, None)
-            steps.append({k: metrics[k] for k in ("step", "time/rollout", "time/update", "time/reward") if k in metrics})
-            steps[-1]["seconds"] = time.perf_counter() - started[0]
-            if len(steps) == args.steps - 1:
-                profiler.__enter__()
-            started[0] = time.perf_counter()
-
-        if args.steps == 1:
-            profiler.__enter__()
-        started[0] = time.perf_counter()
-        trainer.train(on_step=on_step)
-    table = profiler.key_averages()
+        # the profiler records only the last step: it waits through the others
+        profiler = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=args.steps - 1, warmup=0, active=1, repeat=1))
+        logged: list[dict] = []
+        with profiler:
+            trainer.train(on_step=lambda trainer, metrics: (logged.append(metrics), profiler.step()))
+    steps = [
+        {**{k: m[k] for k in ("step", "time/rollout", "time/update", "time/reward") if k in m},
+         "seconds": m["elapsed_seconds"] - (logged[i - 1]["elapsed_seconds"] if i else 0.0)}
+        for i, m in enumerate(logged)
+    ]
+    table = [event for event in profiler.key_averages() if not event.key.startswith("ProfilerStep")]  # the schedule's step marker, not an operator
     total = sum(event.self_cpu_time_total for event in table)
     operators = [
         {"name": event.key, "self_share": event.self_cpu_time_total / total, "self_seconds": event.self_cpu_time_total / 1e6, "calls": event.count}

@@ -2,9 +2,10 @@
 
 A peft LoRA layer computes W x + s B (A x) at every forward; a rollout of the ShapesEval recipe runs each layer
 20 times a sample (10 solver steps, CFG), and the two extra matrix products and the sum cost 8% of a rollout's
-time on a 2-core CPU (`benchmarks/rollout_lora_fold.py`, results/machine_speed/). ``lora_folded`` forms W + s B A once and turns the adapter
-path off for the duration; the base weights are swapped back afterwards, bit for bit (no merge-then-unmerge
-rounding creeping into the frozen reference). The folded forward equals the unfolded one up to float rounding.
+time on a 2-core CPU (`benchmarks/rollout_lora_fold.py`, results/machine_speed/). ``lora_folded`` forms
+W + s B A once and turns the adapter path off for the duration; the base weights are swapped back afterwards,
+bit for bit (no merge-then-unmerge rounding creeping into the frozen reference). The folded forward equals the
+unfolded one up to float rounding.
 """
 from __future__ import annotations
 
