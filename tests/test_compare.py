@@ -8,18 +8,34 @@ import pytest
 
 from dgpo.cli import main
 from dgpo.evaluators import get_evaluator
-from dgpo.train.compare import summarize, time_to_threshold
+from dgpo.train.compare import markdown_summary, summarize, time_to_threshold
 
 
 def _row(step, seconds, forwards, overall):
     return {"step": step, "training_seconds": seconds, "forward_equivalents": forwards, "overall": overall}
 
 
-def test_time_to_threshold_takes_the_first_evaluation_reaching_it():
+def test_time_to_threshold_unconfirmed_takes_the_first_evaluation_reaching_it():
     rows = [_row(0, 0, 0, 0.40), _row(10, 50, 1000, 0.52), _row(20, 100, 2000, 0.49), _row(30, 150, 3000, 0.61)]
-    assert time_to_threshold(rows, 0.5)["training_seconds"] == 50
-    assert time_to_threshold(rows, 0.6)["step"] == 30
-    assert time_to_threshold(rows, 0.7) is None
+    assert time_to_threshold(rows, 0.5, confirmations=0)["training_seconds"] == 50
+    assert time_to_threshold(rows, 0.6, confirmations=0)["step"] == 30
+    assert time_to_threshold(rows, 0.7, confirmations=0) is None
+
+
+def test_a_lucky_evaluation_is_not_a_crossing_until_the_next_one_confirms_it():
+    rows = [_row(0, 0, 0, 0.40), _row(10, 50, 1000, 0.52), _row(20, 100, 2000, 0.49), _row(30, 150, 3000, 0.51),
+            _row(40, 200, 4000, 0.55), _row(50, 250, 5000, 0.61)]
+    # 0.52 at step 10 falls back to 0.49: the crossing of 0.5 is at step 30, held at step 40.
+    assert time_to_threshold(rows, 0.5)["step"] == 30
+    assert time_to_threshold(rows, 0.5, confirmations=2)["step"] == 30
+    assert time_to_threshold(rows, 0.55)["step"] == 40
+    # The last evaluation has no successor to confirm it.
+    assert time_to_threshold(rows, 0.6) is None
+    curves = {"dgpo": {0: rows}}
+    summary = summarize(curves, [0.5, 0.6], "dgpo")
+    assert summary["recipes"]["dgpo"]["best"] == 0.61 and summary["recipes"]["dgpo"]["confirmed_best"] == 0.55
+    assert summary["recipes"]["dgpo"]["thresholds"]["0.6"]["reached_seeds"] == 0
+    assert "| 0.6100 | 0.5500 |" in markdown_summary(summary)
 
 
 def test_summary_ratios_are_relative_to_the_baseline():
@@ -27,7 +43,7 @@ def test_summary_ratios_are_relative_to_the_baseline():
         "dgpo": {0: [_row(0, 0, 0, 0.4), _row(10, 40, 1000, 0.55)]},
         "flow_grpo": {0: [_row(0, 0, 0, 0.4), _row(10, 100, 8000, 0.45), _row(20, 200, 16000, 0.56)]},
     }
-    summary = summarize(curves, [0.5], "dgpo")
+    summary = summarize(curves, [0.5], "dgpo", confirmations=0)
     reached = summary["recipes"]["flow_grpo"]["thresholds"]["0.5"]
     assert reached["ratio"] == {"bound": "exact", "seconds": 5.0, "seconds_interval": [5.0, 5.0], "forwards": 16.0, "forwards_interval": [16.0, 16.0]}
     assert summary["recipes"]["dgpo"]["thresholds"]["0.5"]["ratio"]["seconds"] == 1.0
@@ -41,7 +57,7 @@ def test_seeds_average_and_a_recipe_short_of_the_threshold_gives_a_lower_bound()
             1: [_row(0, 0, 0, 0.42), _row(10, 100, 8000, 0.44), _row(20, 200, 16000, 0.47)],  # never reaches 0.5
         },
     }
-    summary = summarize(curves, [0.5], "dgpo")
+    summary = summarize(curves, [0.5], "dgpo", confirmations=0)
     dgpo, grpo = summary["recipes"]["dgpo"], summary["recipes"]["flow_grpo"]
     assert dgpo["curve"][0] == {"step": 0, "seeds": 2, "overall_mean": 0.41, "overall_se": 0.01, "training_seconds": 0.0, "forward_equivalents": 0.0}
     assert dgpo["final"] == pytest.approx(0.54) and dgpo["final_se"] == pytest.approx(0.01)
@@ -52,7 +68,7 @@ def test_seeds_average_and_a_recipe_short_of_the_threshold_gives_a_lower_bound()
     low, high = entry["ratio"]["seconds_interval"]
     assert round(200 / 60, 3) <= low < 5.0 < high <= 300 / 40  # the extremes of resampling, rounded as reported
     # Swapped roles: the baseline falls short, so the other recipe's ratio is an upper bound.
-    assert summarize(curves, [0.5], "flow_grpo")["recipes"]["dgpo"]["thresholds"]["0.5"]["ratio"]["bound"] == "upper"
+    assert summarize(curves, [0.5], "flow_grpo", confirmations=0)["recipes"]["dgpo"]["thresholds"]["0.5"]["ratio"]["bound"] == "upper"
 
 
 def tiny_dgpo_recipe(model_dir, folder):
@@ -110,11 +126,12 @@ def test_compare_trains_every_seed_and_keeps_each_in_the_curves(tiny_model_dir, 
     recipe = tiny_dgpo_recipe(tiny_model_dir, tmp_path)
     out = tmp_path / "seeds"
     assert main(["compare", f"dgpo={recipe}", "--output", str(out), "--budget-steps", "1", "--eval-every", "1",
-                 "--eval-images", "1", "--seeds", "2", "--threshold", "0.0"]) == 0
+                 "--eval-images", "1", "--final-eval-images", "2", "--seeds", "2", "--threshold", "0.0"]) == 0
     rows = list(csv.DictReader((out / "curves.csv").read_text().splitlines()))
     assert [(int(r["seed"]), int(r["step"])) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    configs = [json.loads((out / "runs" / "dgpo" / f"seed-{k}" / "results.json").read_text())["config"]["run"]["seed"] for k in (0, 1)]
-    assert configs == [0, 1]
+    configs = [json.loads((out / "runs" / "dgpo" / f"seed-{k}" / "results.json").read_text())["config"] for k in (0, 1)]
+    assert [c["run"]["seed"] for c in configs] == [0, 1]
+    assert [(c["eval"]["images_per_category"], c["eval"]["final_images_per_category"]) for c in configs] == [(1, 2)] * 2
     # Different seeds draw different prompts and noise: the trained models differ.
     assert rows[1]["overall"] != rows[3]["overall"] or rows[1]["velocity_drift"] != rows[3]["velocity_drift"]
     summary = json.loads((out / "summary.json").read_text())

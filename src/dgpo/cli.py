@@ -68,8 +68,10 @@ def cmd_compare(args) -> int:
     from .train.compare import Budget, markdown_summary, parse_recipe, run_comparison
 
     recipes = [parse_recipe(text) for text in args.recipes]
-    budget = Budget(args.budget_steps, args.budget_seconds, args.budget_forwards, args.eval_every, args.eval_images, args.seeds)
-    summary = run_comparison(recipes, Path(args.output), budget, args.threshold, args.set or [], args.baseline, args.reuse)
+    budget = Budget(args.budget_steps, args.budget_seconds, args.budget_forwards, args.eval_every, args.eval_images, args.seeds,
+                    args.final_eval_images)
+    summary = run_comparison(recipes, Path(args.output), budget, args.threshold, args.set or [], args.baseline, args.reuse,
+                             confirmations=args.confirm)
     print(markdown_summary(summary))
     print(f"\nwrote {args.output}/curves.csv, curves.png, summary.json, summary.md")
     return 0
@@ -246,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "hardware (default: no limit)")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (default: 10)")
     p.add_argument("--eval-images", type=int, default=24, help="test images per category per evaluation (default: 24)")
+    p.add_argument("--final-eval-images", type=int, default=0,
+                   help="test images per category at the last evaluation (default: as --eval-images)")
+    p.add_argument("--confirm", type=int, default=1,
+                   help="a threshold counts as reached at an evaluation only if the next N evaluations reach it too, so one "
+                        "lucky evaluation does not count (default: 1; 0 takes the first evaluation reaching it)")
     p.add_argument("--threshold", type=float, action="append", help="overall scores to time (repeatable; default: the evaluator's own, ShapesEval 0.7 and 0.8)")
     p.add_argument("--baseline", help="recipe the ratios are relative to (default: the first)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override applied to every recipe (repeatable)")

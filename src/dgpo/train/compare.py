@@ -8,10 +8,13 @@ directory: ``curves.csv`` (one row per evaluation and seed), ``curves.png`` (mea
 across seeds), ``summary.json`` and ``summary.md``.
 
 The cost of a recipe to a threshold is the mean over its seeds of each seed's cost to its first
-evaluation at or above it. A seed that never reaches it counts at the cost it spent, so the mean is
-then a lower bound, and so is its ratio to the baseline; a baseline seed that never reaches it makes
-the ratio an upper bound. The ratio's interval is a bootstrap over seeds (recipe and baseline resampled
-independently, 2000 draws, 2.5th-97.5th percentile).
+*confirmed* evaluation at or above it: one whose next ``confirmations`` evaluations also reach it (default 1),
+so that a single lucky evaluation does not count as a crossing (0 takes the first evaluation reaching it). A
+recipe's ``confirmed_best`` is likewise the best score held over that many consecutive evaluations. A seed
+that never reaches a threshold counts at the cost it spent, so the mean is then a lower bound, and so is its
+ratio to the baseline; a baseline seed that never reaches it makes the ratio an upper bound. The ratio's
+interval is a bootstrap over seeds (recipe and baseline resampled independently, 2000 draws, 2.5th-97.5th
+percentile).
 """
 from __future__ import annotations
 
@@ -41,6 +44,11 @@ class Budget:
     eval_every: int = 10
     eval_images_per_category: int = 24
     seeds: int = 1
+    final_eval_images_per_category: int = 0  # 0: as eval_images_per_category
+
+    @property
+    def final_images(self) -> int:
+        return self.final_eval_images_per_category or self.eval_images_per_category
 
 
 def parse_recipe(text: str) -> tuple[str, Path]:
@@ -84,7 +92,7 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
         f"run.max_forward_equivalents={budget.forwards}",
         f"eval.every={budget.eval_every}",
         f"eval.images_per_category={budget.eval_images_per_category}",
-        f"eval.final_images_per_category={budget.eval_images_per_category}",
+        f"eval.final_images_per_category={budget.final_images}",
         "run.save_every=0",
     ]
     config = load_config(recipe, [*overrides, *protocol])
@@ -124,17 +132,25 @@ def curve_rows(name: str, evals: list[dict], seed: int = 0) -> list[dict]:
     return rows
 
 
-def time_to_threshold(rows: list[dict], threshold: float) -> dict | None:
-    """The first evaluation whose overall score reaches ``threshold`` (None if none does)."""
-    for row in rows:
-        if row["overall"] >= threshold:
+def held_scores(rows: list[dict], confirmations: int) -> list[float]:
+    """Per evaluation, the lowest overall score of it and the next ``confirmations`` evaluations: the score it
+    holds. The last ``confirmations`` evaluations have too few successors to be confirmed and are left out."""
+    scores = [row["overall"] for row in rows]
+    return [min(scores[i:i + confirmations + 1]) for i in range(len(scores) - confirmations)]
+
+
+def time_to_threshold(rows: list[dict], threshold: float, confirmations: int = 1) -> dict | None:
+    """The first evaluation whose overall score reaches ``threshold`` and is confirmed by the next
+    ``confirmations`` evaluations reaching it too (None if there is none)."""
+    for row, held in zip(rows, held_scores(rows, confirmations)):
+        if held >= threshold:
             return {k: row[k] for k in ("step", "training_seconds", "forward_equivalents", "overall")}
     return None
 
 
-def seed_cost(rows: list[dict], threshold: float) -> dict:
-    """One seed's cost to ``threshold``: at its first evaluation reaching it, or (not reached) all it spent."""
-    reached = time_to_threshold(rows, threshold)
+def seed_cost(rows: list[dict], threshold: float, confirmations: int = 1) -> dict:
+    """One seed's cost to ``threshold``: at its first confirmed evaluation reaching it, or (not reached) all it spent."""
+    reached = time_to_threshold(rows, threshold, confirmations)
     at = reached or rows[-1]
     return {"reached": reached is not None, "step": at["step"], "training_seconds": at["training_seconds"], "forward_equivalents": at["forward_equivalents"]}
 
@@ -194,11 +210,13 @@ def mean_curve(seed_rows: dict[int, list[dict]]) -> list[dict]:
     return curve
 
 
-def summarize(curves: dict[str, dict[int, list[dict]]], thresholds: list[float], baseline: str) -> dict:
-    """Per recipe (``curves``: recipe -> seed -> evaluation rows): the mean curve, start/best/final score and the cost to
-    each threshold with its ratio to ``baseline`` (see the module docstring for bounds and intervals)."""
+def summarize(curves: dict[str, dict[int, list[dict]]], thresholds: list[float], baseline: str, confirmations: int = 1) -> dict:
+    """Per recipe (``curves``: recipe -> seed -> evaluation rows): the mean curve, start/best/confirmed best/final score
+    and the cost to each threshold with its ratio to ``baseline`` (see the module docstring for confirmation, bounds
+    and intervals)."""
     recipes = {}
-    costs = {name: {t: [seed_cost(rows, t) for rows in seed_rows.values()] for t in thresholds} for name, seed_rows in curves.items()}
+    costs = {name: {t: [seed_cost(rows, t, confirmations) for rows in seed_rows.values()] for t in thresholds}
+             for name, seed_rows in curves.items()}
     for name, seed_rows in curves.items():
         curve = mean_curve(seed_rows)
         finals = [rows[-1] for rows in seed_rows.values()]
@@ -206,6 +224,7 @@ def summarize(curves: dict[str, dict[int, list[dict]]], thresholds: list[float],
             "seeds": sorted(seed_rows),
             "start": curve[0]["overall_mean"],
             "best": max(point["overall_mean"] for point in curve),
+            "confirmed_best": max(held_scores([{"overall": p["overall_mean"]} for p in curve], confirmations), default=None),
             "final": round(float(np.mean([row["overall"] for row in finals])), 4),
             "final_se": round(mean_and_se([row["overall"] for row in finals])[1], 4),
             "final_step": max(row["step"] for row in finals),
@@ -214,7 +233,7 @@ def summarize(curves: dict[str, dict[int, list[dict]]], thresholds: list[float],
             "curve": curve,
             "thresholds": {str(t): threshold_entry(costs[name][t], costs[baseline][t]) for t in thresholds},
         }
-    return {"baseline": baseline, "thresholds": thresholds, "recipes": recipes}
+    return {"baseline": baseline, "thresholds": thresholds, "confirmations": confirmations, "recipes": recipes}
 
 
 def _ratio_cell(entry: dict) -> str:
@@ -228,9 +247,9 @@ def _ratio_cell(entry: dict) -> str:
 
 def markdown_summary(summary: dict) -> str:
     thresholds = summary["thresholds"]
-    header = "| recipe | seeds | start | best | final +- se (step) | " + " | ".join(
+    header = "| recipe | seeds | start | best | confirmed best | final +- se (step) | " + " | ".join(
         f"to {t}: s / forwards (seeds reaching) / x{summary['baseline']} in seconds [95%]" for t in thresholds) + " |"
-    lines = [header, "|" + "---|" * (5 + len(thresholds))]
+    lines = [header, "|" + "---|" * (6 + len(thresholds))]
     for name, entry in summary["recipes"].items():
         cells = []
         for t in thresholds:
@@ -238,8 +257,9 @@ def markdown_summary(summary: dict) -> str:
             prefix = "" if reached["reached_seeds"] == reached["seeds"] else ">= "
             cells.append(f"{prefix}{reached['training_seconds']:.0f} s / {prefix}{reached['forward_equivalents']:.3g} "
                          f"({reached['reached_seeds']}/{reached['seeds']}) / {_ratio_cell(reached)}")
-        lines.append(f"| {name} | {len(entry['seeds'])} | {entry['start']:.3f} | {entry['best']:.3f} | "
-                     f"{entry['final']:.3f} +- {entry['final_se']:.3f} ({entry['final_step']}) | " + " | ".join(cells) + " |")
+        confirmed = "-" if entry["confirmed_best"] is None else f"{entry['confirmed_best']:.4f}"
+        lines.append(f"| {name} | {len(entry['seeds'])} | {entry['start']:.4f} | {entry['best']:.4f} | {confirmed} | "
+                     f"{entry['final']:.4f} +- {entry['final_se']:.4f} ({entry['final_step']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -271,6 +291,7 @@ def run_comparison(
     baseline: str | None = None,
     reuse: bool = False,
     log=print,
+    confirmations: int = 1,
 ) -> dict:
     names = [name for name, _ in recipes]
     if len(set(names)) != len(names):
@@ -280,6 +301,8 @@ def run_comparison(
         raise ValueError(f"baseline {baseline!r} is not one of the recipes {names}")
     if budget.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {budget.seeds}")
+    if confirmations < 0:
+        raise ValueError(f"--confirm must be >= 0, got {confirmations}")
     evaluators = [check_evaluates(name, path, list(overrides)) for name, path in recipes]
     thresholds = thresholds or default_thresholds(evaluators)
     output.mkdir(parents=True, exist_ok=True)
@@ -292,7 +315,7 @@ def run_comparison(
         writer = csv.DictWriter(handle, fieldnames=list(all_rows[0]))
         writer.writeheader()
         writer.writerows(all_rows)
-    summary = summarize(curves, thresholds, baseline)
+    summary = summarize(curves, thresholds, baseline, confirmations)
     plot_comparison(summary, output / "curves.png")
     summary["budget"] = budget.__dict__
     summary["overrides"] = list(overrides)
