@@ -1,22 +1,27 @@
 """GenEval's detector layer on transformers: mmdet's test geometry, its Mask2Former instance post-processing on
-hand-built logits, the mapping into GenEval's detections, a tiny random Mask2Former built here, and the whole
-geneval reward on it with a tiny random CLIP.
+hand-built logits, the mapping into GenEval's detections, a tiny random Mask2Former built here, the whole
+geneval reward on it with a tiny random CLIP, and benchmarks/geneval_agreement.py's tables.
 
 Comments cite the mmdet 2.x code a test mirrors: ``MaskFormerFusionHead.instance_postprocess`` ("IP"),
 ``mmdet.core.mask2bbox`` ("M2B"), ``mmcv.rescale_size`` ("RS") and GenEval's evaluate_images.py ("GE").
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_benchmark_gpu_step import load_benchmark
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
 from dgpo.errors import UserError
 from dgpo.rewards import get_reward
 from dgpo.rewards.clip import save_tiny_clip
-from dgpo.rewards.geneval import COLORS, select_detections
+from dgpo.rewards.geneval import COLORS, Verdict, select_detections
 from dgpo.rewards.geneval_detectors import (
     DETECTORS,
     OBJECT_NAMES,
@@ -245,3 +250,32 @@ def test_geneval_reward_end_to_end_on_tiny_models(tiny_mask2former, tiny_clip):
     scores = partial(images[:4], ["a photo"] * 4, metadata[:4])
     np.testing.assert_allclose(scores, [1 - (cats - 1), 0, 1, 1 - 1 / (cats + 1)])
     assert ((scores[2:] >= 0) & (scores[2:] <= 1)).all()
+
+
+# ----------------------------------------------------------------------------- benchmarks/geneval_agreement.py
+
+
+def test_agreement_script_tables_and_its_one_line_refusal_without_mmdet(tmp_path):
+    script = load_benchmark("geneval_agreement")
+    single = {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}
+    counting = {"tag": "counting", "include": [{"class": "cup", "count": 2}], "prompt": "a photo of two cups"}
+    (tmp_path / "meta.jsonl").write_text(f"{json.dumps(single)}\n\n{json.dumps({'prompt': 'two cups', 'metadata': counting})}\n")
+    assert script.read_metadata(tmp_path / "meta.jsonl") == [single, counting], "GenEval's lines and dgpo's prompt lines"
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a cat"}) + "\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: not a GenEval metadata line"):
+        script.read_metadata(tmp_path / "bad.jsonl")
+    assert [p.name for p in sorted(map(Path, ["10.png", "2.png", "1.png"]), key=script.natural_key)] == ["1.png", "2.png", "10.png"]
+
+    verdicts = {"transformers": [Verdict(True, 1.0, ()), Verdict(False, 0.5, ()), Verdict(True, 1.0, ())],
+                "mmdet": [Verdict(True, 1.0, ()), Verdict(True, 1.0, ()), Verdict(False, 0.0, ())]}
+    rows = {row["tag"]: row for row in script.agreement_table(verdicts, ["single_object", "counting", "counting"])}
+    assert rows["single_object"] == {"tag": "single_object", "images": 1, "transformers_pass": 1.0, "mmdet_pass": 1.0,
+                                     "agreement": 1.0, "partial_abs_diff": 0.0}
+    assert rows["counting"]["agreement"] == 0.0 and rows["counting"]["partial_abs_diff"] == 0.75
+    assert rows["overall"]["images"] == 3 and rows["overall"]["agreement"] == pytest.approx(1 / 3)
+
+    if importlib.util.find_spec("mmdet") is None:
+        with pytest.raises(SystemExit) as info:
+            script.main([str(tmp_path), str(tmp_path / "meta.jsonl")])
+        message = str(info.value.code)
+        assert "\n" not in message and message.startswith("geneval_agreement: mmdet") and "dgpo[geneval-mmdet]" in message

@@ -298,13 +298,18 @@ class GenEvalReward:
         todo = [i for i, meta in enumerate(metadata) if is_geneval_metadata(meta)]
         if not todo:
             return scores
-        pictures = to_pil_images(images[todo])
-        for i, picture, detections in zip(todo, pictures, self.detector.detect(pictures)):
-            objects = select_detections(detections, metadata[i].get("tag"), self.rules)
-            self.colours.label(picture, objects, metadata[i])
-            verdict = judge(objects, metadata[i], self.rules)
+        for i, verdict in zip(todo, self.verdicts(to_pil_images(images[todo]), [metadata[i] for i in todo])):
             scores[i] = float(verdict.correct) if self.strict else verdict.partial
         return scores
+
+    def verdicts(self, pictures: list[Image.Image], metadata: list[dict]) -> list[Verdict]:
+        """GenEval's verdict and the partial credit of each picture; each metadata is a GenEval line."""
+        verdicts = []
+        for picture, meta, detections in zip(pictures, metadata, self.detector.detect(pictures)):
+            objects = select_detections(detections, meta.get("tag"), self.rules)
+            self.colours.label(picture, objects, meta)
+            verdicts.append(judge(objects, meta, self.rules))
+        return verdicts
 
 
 @register_reward("geneval")
