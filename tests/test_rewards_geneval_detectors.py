@@ -279,3 +279,14 @@ def test_agreement_script_tables_and_its_one_line_refusal_without_mmdet(tmp_path
             script.main([str(tmp_path), str(tmp_path / "meta.jsonl")])
         message = str(info.value.code)
         assert "\n" not in message and message.startswith("geneval_agreement: mmdet") and "dgpo[geneval-mmdet]" in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_transformers_detector_cuda_matches_cpu(tiny_mask2former):
+    pictures = _pictures(2)
+    found = {device: build_detector("transformers", model=tiny_mask2former, device=device, **SMALL).detect(pictures) for device in ("cpu", "cuda")}
+    for cpu, cuda in zip(found["cpu"], found["cuda"]):
+        on_cpu, on_cuda = select_detections(cpu, "single_object"), select_detections(cuda, "single_object")
+        assert set(on_cpu) == set(on_cuda)
+        for name in on_cpu:
+            np.testing.assert_allclose([d.confidence for d in on_cuda[name]], [d.confidence for d in on_cpu[name]], atol=1e-3)
