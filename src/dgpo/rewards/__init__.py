@@ -39,14 +39,21 @@ def available_rewards() -> list[str]:
     return REWARDS.names()
 
 
-def get_reward(name: str, **options) -> RewardFn:
-    """Build the reward ``name``; ``options`` go to its factory (e.g. ``model=``, ``url=``)."""
-    factory = REWARDS.get(name)
+def build_registered(registry: Registry, name: str, **options):
+    """The factory ``name`` of ``registry`` called with ``options``; an option it does not take is a one-line
+    error naming the factory and the options it takes."""
+    factory = registry.get(name)
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as exc:
-        raise ValueError(f"reward {name!r}: {exc}") from None
+        takes = ", ".join(p.name for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD)
+        raise ValueError(f"{registry.kind} {name!r}: {exc} (it takes {takes})") from None
     return factory(**options)
+
+
+def get_reward(name: str, **options) -> RewardFn:
+    """Build the reward ``name``; ``options`` go to its factory (e.g. ``model=``, ``url=``)."""
+    return build_registered(REWARDS, name, **options)
 
 
 def to_pil_images(images: torch.Tensor) -> list[Image.Image]:

@@ -19,7 +19,6 @@ authors that the HF port converts), so their detections, and the GenEval scores,
 """
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..registry import Registry
+from . import build_registered
 
 # GenEval's evaluation/object_names.txt: the 80 COCO classes in the detector's output order.
 OBJECT_NAMES = (
@@ -89,12 +89,7 @@ def register_detector(name: str):
 
 def build_detector(name: str, **options) -> Detector:
     """The detector ``name`` built with ``options``; an option it does not take is a one-line error naming both."""
-    factory = DETECTORS.get(name)
-    try:
-        inspect.signature(factory).bind(**options)
-    except TypeError as exc:
-        raise ValueError(f"GenEval detector {name!r}: {exc} (it takes {', '.join(inspect.signature(factory).parameters)})") from None
-    return factory(**options)
+    return build_registered(DETECTORS, name, **options)
 
 
 def _default_device(device: str | None) -> torch.device:
