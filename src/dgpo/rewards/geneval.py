@@ -326,9 +326,10 @@ def geneval(
     position_threshold: float = GenEvalRules.position_threshold,
     **detector_options,
 ):
-    """GenEval with Mask2Former + CLIP colours: partial credit, or pass/fail with strict=True. ``detector``:
-    ``transformers`` (default; weights ``model``, $DGPO_GENEVAL_MODEL) or ``mmdet`` (GenEval's own stack, needs
-    dgpo[geneval-mmdet]; ``checkpoint``, ``config``); other options go to the detector."""
+    """GenEval with Mask2Former + CLIP colours: partial credit, or pass/fail with strict=True (detector: transformers|mmdet).
+
+    ``detector``: ``transformers`` (default; weights ``model``, $DGPO_GENEVAL_MODEL) or ``mmdet`` (GenEval's own
+    stack, needs dgpo[geneval-mmdet]; ``checkpoint``, ``config``); the options not named here go to the detector."""
     rules = GenEvalRules(threshold, counting_threshold, int(max_objects), max_overlap, position_threshold)
     # Detections at or below both thresholds can never be selected: the detector may drop them early.
     min_score = min(rules.threshold, rules.counting_threshold)
