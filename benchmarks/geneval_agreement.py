@@ -10,8 +10,10 @@ Inputs: a folder of images and a JSONL file with one GenEval metadata line per i
 with the i-th image in natural file-name order (2.png before 10.png). Prints, per GenEval category (tag),
 the images, each detector's pass rate, the fraction of images whose pass/fail verdicts agree, and the mean
 absolute difference of the partial credit; then GenEval's overall score (the mean over categories) for
-each. Needs both stacks: the weights of each (``$DGPO_GENEVAL_MODEL``, ``$DGPO_GENEVAL_CHECKPOINT``) and
-mmdet 2.x with mmcv-full 1.7 (``pip install --no-build-isolation 'dgpo[geneval-mmdet]'``). Usage:
+each. Needs both stacks in one environment: the weights of each (``$DGPO_GENEVAL_MODEL``,
+``$DGPO_GENEVAL_CHECKPOINT``) and mmdet 2.x with mmcv-full 1.7 (``pip install --no-build-isolation
+'dgpo[geneval-mmdet]'``), which must then build against a torch dgpo accepts (>= 2.3; GenEval's own
+environment used torch 2.1): whether it does is also unconfirmed. Usage:
 
     DGPO_GENEVAL_MODEL=/models/mask2former-swin-small-coco-instance \\
     DGPO_GENEVAL_CHECKPOINT=/models/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth \\
