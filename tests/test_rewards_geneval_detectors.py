@@ -189,6 +189,12 @@ def test_detector_registry():
         build_detector("transformer")
     with pytest.raises(ValueError, match=r"GenEval detector 'transformers': got an unexpected keyword argument 'checkpoint' \(it takes model, "):
         build_detector("transformers", checkpoint="mask2former.pth")
+    with pytest.raises(ValueError, match=r"GenEval detector 'transformers': got an unexpected keyword argument 'modle'"):
+        get_reward("geneval", modle="typo")
+    with pytest.raises(ValueError, match=r"unknown GenEval detector 'mmdeth' \(did you mean 'mmdet'\?\)"):
+        get_reward("geneval", detector="mmdeth")
+    with pytest.raises(ValueError, match="min_score follows from threshold and counting_threshold"):
+        get_reward("geneval", min_score=0.5)
 
 
 def test_transformers_detector_on_a_tiny_mask2former(tiny_mask2former):

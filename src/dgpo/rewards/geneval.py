@@ -331,6 +331,8 @@ def geneval(
     ``detector``: ``transformers`` (default; weights ``model``, $DGPO_GENEVAL_MODEL) or ``mmdet`` (GenEval's own
     stack, needs dgpo[geneval-mmdet]; ``checkpoint``, ``config``); the options not named here go to the detector."""
     rules = GenEvalRules(threshold, counting_threshold, int(max_objects), max_overlap, position_threshold)
+    if "min_score" in detector_options:
+        raise ValueError("reward 'geneval': min_score follows from threshold and counting_threshold; set those instead")
     # Detections at or below both thresholds can never be selected: the detector may drop them early.
     min_score = min(rules.threshold, rules.counting_threshold)
     found = build_detector(detector, device=device, batch_size=batch_size, min_score=min_score, **detector_options)
