@@ -1,4 +1,4 @@
-"""Every relative link and every repository path that README.md and docs/*.md cite exists in the repository."""
+"""Every relative link and every repository path that README.md, docs/*.md and results/README.md cite exists in the repository."""
 from __future__ import annotations
 
 import glob
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "results" / "README.md"]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
