@@ -69,6 +69,8 @@ class PromptSampler:
         self.members: dict[str, list[Prompt]] = {}
         for prompt in source.prompts:
             self.members.setdefault(category_of(prompt), []).append(prompt)
+        total = len(source.prompts)
+        self._uniform = {category: len(prompts) / total for category, prompts in sorted(self.members.items())}
 
     @classmethod
     def checks(cls, config) -> list[tuple[bool, str]]:
@@ -81,8 +83,7 @@ class PromptSampler:
 
     def uniform_weights(self) -> dict[str, float]:
         """Each category's share of the prompts: the probability a uniform draw picks it."""
-        total = len(self.source.prompts)
-        return {category: len(prompts) / total for category, prompts in sorted(self.members.items())}
+        return dict(self._uniform)
 
     def weights(self) -> dict[str, float]:
         """The probability that a draw of the next step picks each category (logged)."""
