@@ -1,8 +1,8 @@
 """Prompts and the group layout of a step: which process holds which samples of which group.
 
 A step draws ``groups_per_step`` prompts (by default a shuffled pass over the prompt set, keyed by the
-run seed, so the draw depends only on the step number; ``prompt_sampling.py`` has the other samplers). Sample ``n`` of the step belongs to
-group ``n // G``. Micro-step ``m`` covers whole groups; each process holds a contiguous
+run seed, so the draw depends only on the step number; ``prompt_sampling.py`` has the samplers). Sample
+``n`` of the step belongs to group ``n // G``. Micro-step ``m`` covers whole groups; each process holds a contiguous
 slice of every micro-step, so a group may span processes but never micro-steps, and the
 cross-process group sum of one micro-step completes every group in it.
 """
