@@ -1,4 +1,4 @@
-"""Name -> object registries (models, algorithms, rewards, evaluators, prompt sources) with did-you-mean errors.
+"""Name -> object registries (models, algorithms, rewards, evaluators, prompt sources, prompt samplers) with did-you-mean errors.
 
 A registry made with ``plugins=True`` imports the modules in :data:`PLUGINS` on its first lookup: the
 hook through which packages such as ShapesEval (``dgpo.shapes``) register their evaluator and prompt

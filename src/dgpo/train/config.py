@@ -21,6 +21,7 @@ from ..evaluators import EVALUATORS, NONE, PROMPT_SET, resolve_evaluator
 from ..sampling import SAMPLER_REGISTRY, sampler_check
 from .algorithms import ADVANTAGES, ALGORITHMS
 from .optim import LR_SCHEDULES, OPTIMIZERS
+from .prompt_sampling import PROMPT_SAMPLERS
 from .sections import (
     DataConfig,
     EvalConfig,
@@ -61,9 +62,11 @@ class Config(Freezable):
 
     def validate(self) -> Config:
         """Check every field, then freeze the config. The registries check their own variants: the algorithm its
-        settings (``Algorithm.checks``) and its rollout sampler's kind, the sampler names their samplers."""
+        settings (``Algorithm.checks``) and its rollout sampler's kind, the sampler names their samplers, the prompt sampler
+        its knobs (``PromptSampler.checks``)."""
         d, r, loss, m, e = self.data, self.rollout, self.loss, self.model, self.eval
-        for field_name, registry, name in (("loss.algorithm", ALGORITHMS, loss.algorithm), ("reward.advantage", ADVANTAGES, self.reward.advantage)):
+        for field_name, registry, name in (("loss.algorithm", ALGORITHMS, loss.algorithm), ("reward.advantage", ADVANTAGES, self.reward.advantage),
+                                           ("data.prompt_sampling", PROMPT_SAMPLERS, d.prompt_sampling)):
             if name not in registry:
                 try:
                     registry.get(name)
@@ -113,6 +116,7 @@ class Config(Freezable):
              f"loss.t_min_end must be -1 (fixed t_min) or in [0, t_max={loss.t_max}), got {loss.t_min_end}"),
             (1 <= loss.grid_points <= r.num_steps, f"loss.grid_points must be in [1, rollout.num_steps={r.num_steps}], got {loss.grid_points}"),
             *algorithm.checks(self),
+            *PROMPT_SAMPLERS.get(d.prompt_sampling).checks(self),
             (r.sde_window >= 0, f"rollout.sde_window must be >= 0 (0 = SDE at every step), got {r.sde_window}"),
             (r.sde_window == 0 or 0 <= r.sde_window_range[0] <= r.sde_window_range[1] - r.sde_window <= r.num_steps - r.sde_window,
              f"rollout.sde_window_range={list(r.sde_window_range)} must hold a window of {r.sde_window} steps within the {r.num_steps} rollout steps"),

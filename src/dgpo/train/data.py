@@ -1,8 +1,8 @@
 """Prompts and the group layout of a step: which process holds which samples of which group.
 
-A step draws ``groups_per_step`` prompts (a shuffled pass over the prompt set, keyed by the
-run seed, so the draw depends only on the step number). Sample ``n`` of the step belongs to
-group ``n // G``. Micro-step ``m`` covers whole groups; each process holds a contiguous
+A step draws ``groups_per_step`` prompts (by default a shuffled pass over the prompt set, keyed by the
+run seed, so the draw depends only on the step number; ``prompt_sampling.py`` has the samplers). Sample
+``n`` of the step belongs to group ``n // G``. Micro-step ``m`` covers whole groups; each process holds a contiguous
 slice of every micro-step, so a group may span processes but never micro-steps, and the
 cross-process group sum of one micro-step completes every group in it.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..registry import Registry
-from ..seeding import stable_seed
+from ..seeding import keyed_generator
 
 
 @dataclass(frozen=True)
@@ -105,13 +105,15 @@ class PromptSource:
 
     def for_step(self, seed: int, step: int, count: int) -> list[Prompt]:
         """The ``count`` prompts of ``step``: consecutive slices of seeded per-epoch permutations."""
-        out = []
         n = len(self.prompts)
-        for position in range(step * count, (step + 1) * count):
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed("prompts", seed, epoch)))
-            out.append(self.prompts[int(order[offset])])
-        return out
+        return [self.prompts[shuffled_index(n, position, "prompts", seed)] for position in range(step * count, (step + 1) * count)]
+
+
+def shuffled_index(size: int, position: int, *keys: object) -> int:
+    """Element ``position`` of consecutive shuffled passes over ``range(size)``: pass ``e = position // size`` is the
+    permutation keyed by ``(*keys, e)``, so every index comes once per pass and any position is found without the others."""
+    epoch, offset = divmod(position, size)
+    return int(torch.randperm(size, generator=keyed_generator(*keys, epoch))[offset])
 
 
 class LayoutError(ValueError):
