@@ -121,6 +121,15 @@ def test_a_training_set_is_fetched_with_its_test_set_and_unknown_names_are_one_l
     assert [line.split()[0] for line in listed] == [s.file for s in PROMPT_SETS]
 
 
+def test_a_recipe_whose_prompt_set_is_not_fetched_says_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape("prompt file not found: prompts/ocr_train.jsonl (a paper prompt set, not shipped: "
+                                                          "`dgpo prompts fetch ocr` from the repository root")):
+        PromptSource.load(load_config(ROOT / "configs/sd35m/ocr.yaml").data.prompts)
+    with pytest.raises(FileNotFoundError, match="prompt file not found: mine.txt \\(or use a registered prompt source: shapes:test"):
+        PromptSource.load("mine.txt")
+
+
 # ----------------------------------------------------------------------------- per-category reporting
 
 CATEGORY_FAKE = "test_geneval_fake_detector"

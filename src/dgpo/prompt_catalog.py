@@ -127,6 +127,15 @@ def select(names: list[str]) -> list[PromptSet]:
     return [s for s in PROMPT_SETS if s.file in chosen]
 
 
+def fetch_hint(spec: str) -> str:
+    """For a missing prompt file that is one of :data:`PROMPT_SETS`: the command that writes it; else empty."""
+    prompt_set = next((s for s in PROMPT_SETS if Path(spec).name == s.file), None)
+    if prompt_set is None:
+        return ""
+    benchmark = prompt_set.file.split("_")[0]
+    return f"a paper prompt set, not shipped: `dgpo prompts fetch {benchmark}` from the repository root writes it, prompts/README.md"
+
+
 def fetch_prompt_sets(sets: list[PromptSet], directory: str | Path, fetch: Callable[[str], bytes] = download,
                       log: Callable[[str], None] = print) -> dict[str, int]:
     """Download, check and convert ``sets`` into ``directory``; returns file -> prompt count. Nothing is written
