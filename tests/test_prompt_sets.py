@@ -148,14 +148,18 @@ def fake_detections(metadata: dict) -> list[Detection]:
     return found
 
 
-def fake_geneval(images, prompts, metadata):
-    """GenEval's pass/fail on fake detections, the colour taken as asked."""
-    return [float(judge(select_detections(fake_detections(m), m["tag"]), m).correct) for m in metadata]
+def fake_geneval(strict: bool = False):
+    """GenEval's pass/fail (or partial credit) on fake detections, the colour taken as asked."""
+    def reward(images, prompts, metadata):
+        verdicts = [judge(select_detections(fake_detections(m), m["tag"]), m) for m in metadata]
+        return [float(v.correct) if strict else v.partial for v in verdicts]
+
+    return reward
 
 
 @pytest.fixture
 def fake_geneval_reward():
-    register_reward(CATEGORY_FAKE)(lambda: fake_geneval)
+    register_reward(CATEGORY_FAKE)(fake_geneval)
     register_categories(CATEGORY_FAKE, REWARD_CATEGORIES.get("geneval"))
     yield CATEGORY_FAKE
     REWARDS.unregister(CATEGORY_FAKE)
@@ -178,13 +182,18 @@ def test_dgpo_eval_prints_genevals_per_category_table_with_its_overall(fake_gene
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "eval.json"
     assert main(["eval", "--backend", "shapes", "--model", str(tiny_model_dir), "--evaluator", "prompts", "--prompts", str(prompts),
-                 "--metrics", fake_geneval_reward, "--images-per-category", "12", "--steps", "1", "--output", str(out)]) == 0
+                 "--metrics", fake_geneval_reward, "--reward-option", f"{fake_geneval_reward}.strict=true", "--images-per-category", "12",
+                 "--steps", "1", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"| reward | overall | single | counting | colors | color attribution |\n| --- | --- | --- | --- | --- | --- |\n" \
            f"| {fake_geneval_reward} | 0.500 | 1.000 | 0.000 | 1.000 | 0.000 |" in printed
     result = json.loads(out.read_text())
     assert result["categories"] == {fake_geneval_reward: {"single": 1.0, "counting": 0.0, "colors": 1.0, "color attribution": 0.0}}
     assert result["rewards"][fake_geneval_reward] == result["overall"] == 0.5
+
+    assert main(["eval", "--backend", "shapes", "--model", str(tiny_model_dir), "--evaluator", "prompts", "--prompts", str(prompts),
+                 "--metrics", fake_geneval_reward, "--reward-option", "geneval.strict=true"]) == 2
+    assert f"dgpo: error: --reward-option geneval.strict: geneval is not one of --metrics ({fake_geneval_reward})" in capsys.readouterr().err
 
 
 def test_categories_follow_the_declared_order_then_the_order_they_appear_in():
