@@ -210,5 +210,7 @@ def test_a_set_whose_metadata_lacks_a_category_is_scored_per_image(fake_geneval_
     means, categories, overall = set_scores(scores, weights, tags)
     assert categories == {fake_geneval_reward: {"single": 1.0, "counting": 0.0}} and "brightness" not in categories
     assert means == {fake_geneval_reward: 0.5, "brightness": 0.5} and overall == pytest.approx(1.5)
+    means, categories, overall = set_scores({**scores, "brightness": np.full(4, np.nan)}, weights, tags)
+    assert np.isnan(means["brightness"]) and overall == pytest.approx(0.5)  # a reward applicable to no image is skipped
     means, categories, overall = set_scores(scores, weights, tags[:3] + [{}])
     assert categories == {} and means == {fake_geneval_reward: 0.75, "brightness": 0.5} and overall == pytest.approx(1.75)

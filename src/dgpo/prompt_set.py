@@ -63,8 +63,10 @@ def set_scores(scores: dict[str, np.ndarray], weights: dict[str, float], metadat
             if means is not None:
                 categories[name] = means
     means = {name: mean_over_categories(categories[name]) if name in categories else mean_score(s) for name, s in scores.items()}
-    overall = sum(weights[name] * means[name] for name in weights) if categories else mean_score(combine_rewards(scores, weights))
-    return means, categories, float(overall)
+    if not categories:
+        return means, categories, mean_score(combine_rewards(scores, weights))
+    applicable = [weights[name] * means[name] for name in weights if np.isfinite(means[name])]  # as combine_rewards skips NaN
+    return means, categories, float(sum(applicable)) if applicable else float("nan")
 
 
 def category_table(categories: dict[str, dict[str, float]]) -> str:
