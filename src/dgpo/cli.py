@@ -1,4 +1,4 @@
-"""`dgpo` command line: train, eval, sample, pretrain-shapes, rewards, serve-reward, merge-lora.
+"""`dgpo` command line: train, eval, sample, pretrain-shapes, rewards, prompts, serve-reward, merge-lora.
 
 Errors a user can fix (config typos, missing files, bad prompts, corrupt checkpoints, a missing
 package or server: ``dgpo.errors.UserError``, ``ValueError``, ``FileNotFoundError``) are printed as
@@ -83,6 +83,11 @@ def _eval_config(args):
     from .train.config import load_config
 
     metrics = [m for m in (args.metrics or "").split(",") if m]
+    options: dict[str, dict] = {}
+    for reward, key, value in args.reward_option or []:
+        if reward not in metrics:
+            raise UserError(f"--reward-option {reward}.{key}: {reward} is not one of --metrics ({', '.join(metrics) or 'none'})")
+        options.setdefault(reward, {})[key] = value
     overrides = {
         "model.backend": args.backend, "model.resolution": args.resolution, "eval.evaluator": args.evaluator,
         "eval.prompts": args.prompts or "", "eval.ood_prompts": args.ood_prompts or "",
@@ -90,6 +95,7 @@ def _eval_config(args):
     }
     if metrics:
         overrides["reward.weights"] = {m: 1.0 for m in metrics}
+        overrides["reward.options"] = options
     config = load_config(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()])
     return config, metrics
 
@@ -117,7 +123,7 @@ def cmd_eval(args) -> int:
     print("\n".join([f"| {evaluator.score_label} | score |", "|---|---|", *rows, f"| **overall** | **{result.overall:.3f}** |"]))
     print("  ".join(f"{name} {value:.4f}" for name, value in result.out_of_domain.items()) + f"  ({result.num_images} images)")
     # A metric the evaluator scored already (the prompts evaluator's rewards) is not built or scored again.
-    extra_metrics = metric_means({m: get_reward(m) for m in metrics if m not in result.scores}, result)
+    extra_metrics = metric_means({m: get_reward(m, **config.reward.options.get(m, {})) for m in metrics if m not in result.scores}, result)
     scored = {m: result.scores[m] if m in result.scores else extra_metrics[m] for m in metrics}
     if extra_metrics:
         print("  ".join(f"{m} {v:.4f}" for m, v in extra_metrics.items()) + "  (--metrics)")
@@ -187,6 +193,18 @@ def cmd_rewards(args) -> int:
     return 0
 
 
+def cmd_prompts(args) -> int:
+    from .prompt_catalog import PROMPT_SETS, fetch_prompt_sets, select
+
+    if args.action == "list":
+        for s in PROMPT_SETS:
+            count = f"{s.count} prompts" if s.count is not None else "count unknown until fetched"
+            print(f"{s.file:24s} {count:28s} {s.repository}@{s.commit[:7]}:{s.path} ({s.license})")
+        return 0
+    fetch_prompt_sets(select(args.names), args.dir)
+    return 0
+
+
 def _option(text: str) -> tuple[str, object]:
     """KEY=VALUE for a reward factory; VALUE is parsed as JSON when it is JSON (numbers, booleans)."""
     key, sep, value = text.partition("=")
@@ -196,6 +214,15 @@ def _option(text: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def _reward_option(text: str) -> tuple[str, str, object]:
+    """REWARD.KEY=VALUE: ``_option``'s KEY=VALUE with the reward's name before the key."""
+    key, value = _option(text)
+    reward, sep, name = key.partition(".")
+    if not sep or not reward or not name:
+        raise argparse.ArgumentTypeError(f"expected REWARD.KEY=VALUE, got {text!r}")
+    return reward, name, value
 
 
 def cmd_serve_reward(args) -> int:
@@ -271,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="held-out prompt file (one per line, or JSONL {prompt, metadata}) for the prompts evaluator")
     p.add_argument("--ood-prompts", help="a second, out-of-domain prompt file (prompts evaluator)")
     p.add_argument("--metrics", help="comma-separated registered rewards to score the images with (see `dgpo rewards`)")
+    p.add_argument("--reward-option", action="append", type=_reward_option, metavar="REWARD.KEY=VALUE",
+                   help="an option of a --metrics reward's factory (repeatable), e.g. --reward-option geneval.strict=true for GenEval's "
+                        "pass/fail accuracy (its paper's table) instead of partial credit")
     p.add_argument("--images-per-category", type=int, default=96,
                    help="test images per category (default: 96; prompts evaluator: images over the prompt file, at least 2 per prompt)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -321,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewards", help="list the registered rewards")
     _add_import_arg(p)
     p.set_defaults(fn=cmd_rewards)
+
+    p = sub.add_parser("prompts", help="list or fetch the paper recipes' prompt sets (GenEval, OCR, PickScore)",
+                       description="fetch downloads each set from its repository at a fixed commit, checks its git blob hash, "
+                                   "converts it to JSONL {prompt, metadata} and writes it where the recipes read it (prompts/). "
+                                   "Sources and licenses: prompts/README.md.")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("names", nargs="*", help="sets to fetch (a file name or prefix, e.g. geneval; a training set brings its test "
+                                            "set; default: all)")
+    p.add_argument("--dir", default="prompts", help="where to write them (default: prompts, as the recipes read them from the repository root)")
+    p.set_defaults(fn=cmd_prompts)
 
     p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (for the `remote` reward)",
                        description="Expose reward NAME at POST /score and GET /health (JSON schema version 1).")

@@ -8,6 +8,7 @@ applicable to this sample". Weighted combination happens outside the reward
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -100,6 +101,41 @@ def combine_rewards(scores: dict[str, np.ndarray], weights: dict[str, float]) ->
     applicable = ~np.isnan(stacked)
     total = np.where(applicable, stacked, 0.0).sum(axis=0)
     return np.where(applicable.any(axis=0), total, np.nan)
+
+
+@dataclass(frozen=True)
+class RewardCategories:
+    """How a benchmark reports a reward: per category of prompt, named by the metadata field ``field``, in its column
+    order (``columns``: metadata value -> column label), with overall the unweighted mean over the categories."""
+
+    field: str
+    columns: dict[str, str]
+
+
+REWARD_CATEGORIES: Registry[RewardCategories] = Registry("reward categories")
+
+
+def register_categories(reward: str, categories: RewardCategories) -> RewardCategories:
+    """Declare that the registered reward ``reward`` is reported per category (e.g. GenEval per ``tag``)."""
+    return REWARD_CATEGORIES.register(reward)(categories)
+
+
+def category_means(scores: np.ndarray, metadata: list[dict], categories: RewardCategories) -> dict[str, float] | None:
+    """Per category, the mean score of its images (NaN skipped), keyed by column label in the declared order; categories
+    absent from the declaration follow under their own value, in the order they first appear. None unless every
+    image's metadata names its category in ``categories.field``: a set without categories is reported as one mean."""
+    values = [meta.get(categories.field) for meta in metadata]
+    if not values or any(not isinstance(value, str) for value in values):
+        return None
+    order = [v for v in categories.columns if v in values] + list(dict.fromkeys(v for v in values if v not in categories.columns))
+    chosen = np.array(values)
+    return {categories.columns.get(value, value): mean_score(scores[chosen == value]) for value in order}
+
+
+def mean_over_categories(means: dict[str, float]) -> float:
+    """A benchmark's overall: the unweighted mean of its category means (GenEval: each category counts once, whatever
+    its number of prompts), over the categories scored."""
+    return mean_score(np.array(list(means.values()), dtype=np.float64))
 
 
 from ..shapes import rewards as _shapes_rewards  # noqa: E402,F401  (and ShapesEval's)

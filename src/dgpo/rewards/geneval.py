@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import register_reward, to_pil_images
+from . import RewardCategories, register_categories, register_reward, to_pil_images
 from .clip import ClipEmbedder
 from .geneval_detectors import Detection, Detector, build_detector
 
@@ -226,19 +226,33 @@ def judge(objects: dict[str, list[Detection]], metadata: dict, rules: GenEvalRul
     return Verdict(correct, partial_score(objects, metadata, rules), tuple(reasons))
 
 
-def convert_geneval_prompts(source, destination) -> int:
-    """GenEval's ``evaluation_metadata.jsonl`` -> dgpo prompt JSONL: one ``{"prompt": ..., "metadata": line}``
-    per line, the whole GenEval line kept as the metadata. Returns the number of prompts written."""
+def geneval_prompt_rows(text: str, source: str) -> list[dict]:
+    """The lines of GenEval's ``evaluation_metadata.jsonl`` (or a file in its format) as dgpo prompt rows,
+    ``{"prompt": ..., "metadata": line}``: the whole GenEval line is kept as the metadata the reward judges."""
     rows = []
-    for number, line in enumerate(Path(source).read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         row = json.loads(line)
         if not isinstance(row.get("prompt"), str) or not is_geneval_metadata(row):
             raise ValueError(f"{source}:{number}: not a GenEval metadata line (needs 'prompt' and an 'include' list)")
-        rows.append(json.dumps({"prompt": row["prompt"], "metadata": row}))
-    Path(destination).write_text("".join(f"{row}\n" for row in rows))
+        rows.append({"prompt": row["prompt"], "metadata": row})
+    return rows
+
+
+def convert_geneval_prompts(source, destination) -> int:
+    """GenEval's ``evaluation_metadata.jsonl`` -> dgpo prompt JSONL (:func:`geneval_prompt_rows`). Returns the
+    number of prompts written."""
+    rows = geneval_prompt_rows(Path(source).read_text(), str(source))
+    Path(destination).write_text("".join(f"{json.dumps(row)}\n" for row in rows))
     return len(rows)
+
+
+# GenEval reports accuracy per prompt tag, in its paper's column order, and overall as the mean over the six tags.
+register_categories("geneval", RewardCategories("tag", {
+    "single_object": "single", "two_object": "two", "counting": "counting", "colors": "colors",
+    "position": "position", "color_attr": "color attribution",
+}))
 
 
 # ----------------------------------------------------------------------------- detector layer

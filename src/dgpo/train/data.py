@@ -91,7 +91,10 @@ class PromptSource:
             return cls(PROMPT_SOURCES.get(spec)(), spec)
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {spec} (or use a registered prompt source: {' / '.join(PROMPT_SOURCES.names())})")
+            from ..prompt_catalog import fetch_hint  # the paper's prompt sets are fetched, not shipped
+
+            hint = fetch_hint(spec) or f"or use a registered prompt source: {' / '.join(PROMPT_SOURCES.names())}"
+            raise FileNotFoundError(f"prompt file not found: {spec} ({hint})")
         text = path.read_text()
         lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
         if text.lstrip().startswith("["):
