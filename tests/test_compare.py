@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -107,6 +108,19 @@ def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
     # A second call with --reuse trains nothing and reproduces the summary.
     assert main([*argv, "--reuse"]) == 0
     assert json.loads((out / "summary.json").read_text())["recipes"] == summary["recipes"]
+    # Finished runs moved to another folder are reused there (where a run was written is not part of its training);
+    # a run whose settings differ is trained again.
+    moved = tmp_path / "moved"
+    shutil.copytree(out / "runs", moved / "runs")
+    shutil.rmtree(out)
+    at_moved = [str(moved) if arg == str(out) else arg for arg in argv]
+    finished = moved / "runs" / "dgpo" / "seed-0" / "results.json"
+    written = finished.stat().st_mtime_ns
+    assert main([*at_moved, "--reuse"]) == 0
+    assert finished.stat().st_mtime_ns == written
+    assert json.loads((moved / "summary.json").read_text())["recipes"] == summary["recipes"]
+    assert main([*at_moved, "--reuse", "--set", "optim.lr=0.01"]) == 0
+    assert finished.stat().st_mtime_ns != written
 
 
 def test_compare_forward_budget_stops_a_recipe_at_the_step_that_spends_it(tiny_model_dir, tmp_path):

@@ -81,6 +81,16 @@ def default_thresholds(evaluators: list[str]) -> list[float]:
     return thresholds
 
 
+def same_training(saved: dict, config: dict) -> bool:
+    """Whether a finished run's saved config trains as ``config`` does: equal in every field but where the run was
+    written (run.output_dir), so runs moved into a results folder, or made elsewhere, are reused."""
+    def placed_anywhere(c: dict) -> dict:
+        c = json.loads(json.dumps(c))
+        c.get("run", {}).pop("output_dir", None)
+        return c
+    return placed_anywhere(saved) == placed_anywhere(config)
+
+
 def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides: list[str], reuse: bool, seed: int = 0, log=print) -> list[dict]:
     """Train one recipe with one training seed under the shared protocol (or reuse a finished run); returns its evaluations."""
     run_dir = output / "runs" / name / f"seed-{seed}"
@@ -97,8 +107,7 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     ]
     config = load_config(recipe, [*overrides, *protocol])
     finished = run_dir / "results.json"
-    as_saved = json.loads(json.dumps(config.to_dict()))
-    if reuse and finished.exists() and json.loads(finished.read_text()).get("config") == as_saved:
+    if reuse and finished.exists() and same_training(json.loads(finished.read_text()).get("config", {}), config.to_dict()):
         log(f"{name} seed {seed}: reusing the finished run in {run_dir}")
     else:
         limits = [f"{budget.steps} steps"] + ([f"{budget.seconds:.0f} s"] if budget.seconds else [])
