@@ -1,7 +1,7 @@
 """A model directory as its configuration files describe it, read without its weights, for ``dgpo check``.
 
-Each component (transformer, VAE, text encoders) is built from its ``config.json`` on the ``meta`` device
-(``accelerate.init_empty_weights``): its parameters have shapes but no storage, so counting them costs
+Each component (transformer, VAE, text encoders) is built from its ``config.json`` on the ``meta`` device:
+its parameters have shapes but no storage, so counting them costs
 seconds and no memory, and a directory whose weight files are absent or corrupt describes as well as a
 whole one. A backend registers how its directories describe (``register_backend(..., describe=)``).
 """
@@ -49,12 +49,12 @@ def component_class(library: str, class_name: str) -> type | None:
 def meta_module(library: str, class_name: str, directory: Path) -> torch.nn.Module:
     """Component ``class_name`` of ``library`` built from ``directory/config.json`` with meta parameters; a missing
     config is a one-line FileNotFoundError."""
-    from accelerate import init_empty_weights
-
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {directory} has no config.json (the {class_name} component's configuration)")
     cls = component_class(library, class_name)
-    with init_empty_weights():
+    # The default device, not accelerate's init_empty_weights: buffers computed in __init__ (SD3's 384 x 384 positional
+    # table) are computed on the meta device too, in no time, and tied weights stay tied, counted once as when loaded.
+    with torch.device("meta"):
         if library == "diffusers":
             return cls.from_config(cls.load_config(directory))
         return cls(cls.config_class.from_pretrained(directory))
