@@ -245,6 +245,7 @@ def test_the_memory_estimate_follows_the_recipe():
     assert estimate("data.micro_batch=8", "model.gradient_checkpointing=true").activations < base.activations / 2
     assert estimate("data.micro_batch=8", "model.mixed_precision=bf16").activations == base.activations / 2
     assert estimate("data.micro_batch=8", "eval.ema_decay=0.9").trainable == lora * (4 + 4 + 8 + 4 + 4)
+    assert estimate("data.micro_batch=8", "optim.optimizer=adamw8bit").trainable == lora * (4 + 4 + 2 + 4)
     full = estimate("data.micro_batch=8", "model.lora_rank=0")
     assert full.trainable == transformer * (4 + 8 + 4 + 4)  # gradient, moments, EMA, reference copy
     sharded = estimate("data.micro_batch=8", "model.lora_rank=0", "model.sharding=fsdp2")

@@ -24,8 +24,8 @@ from .registry import Registry
 from .train.config import Config, ConfigError, read_config
 
 FLOAT32 = 4  # bytes: the backends load every component in float32 (mixed precision autocasts the forwards)
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2}  # per trainable parameter: AdamW's two moments, 32- or 8-bit
-ACTIVATION_BYTES = {"no": 68, "fp16": 34, "bf16": 34}  # per token and width unit of one transformer block, in training
+ACTIVATION_ELEMENT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}  # by model.mixed_precision
+BLOCK_ACTIVATIONS = 17  # elements kept per token and width unit of a transformer block for its backward (34 bytes in 16-bit)
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,9 @@ def check_layout(preflight: Preflight) -> list[str]:
     d = preflight.config.data
     problems = []
     try:
-        GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, preflight.processes)
-    except (LayoutError, ZeroDivisionError) as exc:
+        if min(d.group_size, d.groups_per_step, d.micro_batch, preflight.processes) >= 1:  # else the validation names it
+            GroupLayout(d.group_size, d.groups_per_step, d.micro_batch, preflight.processes)
+    except LayoutError as exc:
         problems.append(f"process layout (data.group_size, data.groups_per_step, data.micro_batch): {exc}")
     try:
         refuse_sharded_launch()
@@ -195,36 +196,40 @@ def estimate_memory(config: Config, model: ModelDescription, processes: int) -> 
     weights = 4 bytes x every component's parameters (float32); the transformer's / N with model.sharding fsdp2 over N
     processes, none with model.cpu_offload; the text encoders' none with model.offload_text_encoders.
     trainable state, per trainable parameter (LoRA: rank x (in + out) per targeted Linear; else the transformer's):
-    4 (the LoRA weight) + 4 (gradient) + AdamW's moments (8; adamw8bit 2) + 4 per EMA (rollout, and eval with
-    eval.ema_decay > 0) + 4 for the frozen reference copy of full fine-tuning; / N with fsdp2, none with cpu_offload.
-    activations, training micro_batch images: K x tokens x width per block (K = 34 bytes in 16-bit, Korthikanti et al.
-    2022, memory-efficient attention; 68 in float32), every block kept; with gradient checkpointing the block inputs
-    (2 or 4 bytes) plus one block's. Image tokens only: the text tokens and the VAE's decode are left out."""
+    4 (the LoRA weight, or full fine-tuning's frozen reference copy) + 4 (gradient) + the optimizer's state (AdamW 8,
+    adamw8bit 2) + 4 per EMA (rollout, and eval with eval.ema_decay > 0); / N with fsdp2, none with cpu_offload.
+    activations of a training micro-batch of data.micro_batch images: 17 elements per token and width unit of every
+    block (34 bytes in 16-bit: Korthikanti et al. 2022 with memory-efficient attention; float32 68); with gradient
+    checkpointing each block's input (1 element) plus one block's. Image tokens only: the text tokens, the rollouts
+    (no gradients) and the VAE's decode are left out."""
+    from .train.optim import OPTIMIZERS
     from .train.sharding import transformer_blocks
 
     m, d = config.model, config.data
     transformer = model.components["transformer"]
     shards = processes if m.sharding == "fsdp2" else 1
-    on_device = 0.0 if m.cpu_offload else 1.0 / shards
+    transformer_share = 0.0 if m.cpu_offload else 1.0 / shards
     counts = {name: model.parameters(name) for name in model.components}
-    weights = sum(counts[name] * FLOAT32 * (on_device if name == "transformer" else 0.0 if m.offload_text_encoders and
-                                            name.startswith("text_encoder") else 1.0) for name in counts)
+    shares = {name: transformer_share if name == "transformer" else 0.0 if m.offload_text_encoders and name.startswith("text_encoder") else 1.0
+              for name in counts}
+    weights = sum(counts[name] * FLOAT32 * shares[name] for name in counts)
     lora = m.lora_rank > 0
     trainable = lora_parameters(transformer, m.lora_targets or model.lora_targets, m.lora_rank) if lora else counts["transformer"]
     emas = 1 + (config.eval.ema_decay > 0)
-    per_parameter = FLOAT32 * lora + FLOAT32 + OPTIMIZER_STATE_BYTES.get(config.optim.optimizer, 8) + FLOAT32 * emas + FLOAT32 * (not lora)
+    optimizer = config.optim.optimizer
+    per_parameter = FLOAT32 + FLOAT32 + OPTIMIZERS.get(optimizer).state_bytes + FLOAT32 * emas
     blocks = len(transformer_blocks(transformer))
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    per_block = model.image_tokens * width * d.micro_batch
-    full = ACTIVATION_BYTES[m.mixed_precision]
-    activations = per_block * (full // 17 * blocks + full if m.gradient_checkpointing else full * blocks)
+    element = ACTIVATION_ELEMENT_BYTES[m.mixed_precision]
+    block = d.micro_batch * model.image_tokens * width * element
+    activations = block * (blocks + BLOCK_ACTIVATIONS if m.gradient_checkpointing else BLOCK_ACTIVATIONS * blocks)
     kept = "inputs of each block + one block's (gradient checkpointing)" if m.gradient_checkpointing else "every block's"
     return MemoryEstimate(
-        weights, trainable * per_parameter * on_device, activations,
+        weights, trainable * per_parameter * transformer_share, activations,
         "float32: " + ", ".join(f"{name} {readable_count(count)}" for name, count in counts.items()) + " parameters"
         + (f"; transformer sharded over {shards}" if shards > 1 else "") + ("; transformer offloaded to CPU" if m.cpu_offload else ""),
-        f"{'LoRA rank ' + str(m.lora_rank) if lora else 'full fine-tuning'}: {readable_count(trainable)} parameters x {per_parameter} bytes "
-        f"({'weight, ' if lora else 'reference copy, '}gradient, {config.optim.optimizer} state, {emas} EMA{'s' if emas > 1 else ''})",
+        f"{f'LoRA rank {m.lora_rank}' if lora else 'full fine-tuning'}: {readable_count(trainable)} parameters x {per_parameter:g} bytes "
+        f"({'weight' if lora else 'reference copy'}, gradient, {optimizer} state, {emas} EMA{'s' if emas > 1 else ''})",
         f"micro_batch {d.micro_batch} x {model.image_tokens} image tokens x width {width} x {blocks} blocks, {kept}, "
         f"mixed_precision {m.mixed_precision}",
     )
@@ -232,7 +237,10 @@ def estimate_memory(config: Config, model: ModelDescription, processes: int) -> 
 
 def process_count(processes: int | None) -> int:
     """``processes``, or the launcher's WORLD_SIZE (torchrun, accelerate launch), or 1."""
-    return processes or int(os.environ.get("WORLD_SIZE", "1"))
+    count = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    if count < 1:
+        raise UserError(f"--processes must be >= 1, got {count}")
+    return count
 
 
 def run_checks(config: Config, processes: int, resume: bool = False, overwrite: bool = False) -> tuple[list[str], Preflight]:
