@@ -178,7 +178,7 @@ def test_an_unknown_reward_option_and_an_eval_metric_built_without_options_are_c
         "reward.weights": "{jpeg_compressibility: 1.0}", "reward.options": "{jpeg_compressibility: {quality: 90}}", "eval.metrics": "[remote]"}))
     assert status == 2
     assert problems(lines) == [
-        "reward 'jpeg_compressibility': got an unexpected keyword argument 'quality'",
+        "reward 'jpeg_compressibility': got an unexpected keyword argument 'quality' (it takes no options)",
         "eval.metrics: reward 'remote' needs url: set DGPO_REMOTE_URL or reward.options.remote.url",
     ]
 
@@ -251,3 +251,25 @@ def test_the_memory_estimate_follows_the_recipe():
     assert full.trainable == transformer * (4 + 8 + 4 + 4)  # gradient, moments, EMA, reference copy
     sharded = estimate("data.micro_batch=8", "model.lora_rank=0", "model.sharding=fsdp2")
     assert sharded.trainable == full.trainable / 2 and full.weights - sharded.weights == transformer * 4 / 2
+
+
+def test_the_geneval_reward_is_checked_with_the_requirements_of_the_detector_it_chooses(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    for variable in ("DGPO_GENEVAL_CHECKPOINT", "DGPO_GENEVAL_MODEL", "DGPO_CLIP_MODEL"):
+        monkeypatch.delenv(variable, raising=False)
+    local = tmp_path / "weights"
+    local.mkdir()
+
+    def geneval_problems(**options) -> list[str]:
+        given = {"clip_model": str(local), **options}
+        text = "{geneval: {" + ", ".join(f"{key}: {value}" for key, value in given.items()) + "}}"
+        status, lines = check(capsys, *shapes_recipe(tiny_model_dir, tmp_path, **{"reward.weights": "{geneval: 1.0}", "reward.options": text}))
+        assert status == (2 if problems(lines) else 0)
+        return problems(lines)
+
+    assert geneval_problems(model=str(local)) == []
+    assert geneval_problems(model=str(tmp_path / "absent")) == [
+        f"reward 'geneval' (detector transformers): reward.options.geneval.model (or $DGPO_GENEVAL_MODEL) {tmp_path / 'absent'}: no such directory"]
+    assert "reward 'geneval' (detector mmdet) needs checkpoint: set DGPO_GENEVAL_CHECKPOINT or reward.options.geneval.checkpoint" in \
+        geneval_problems(detector="mmdet")
+    assert geneval_problems(detector="mmdetection", model=str(local)) == [
+        "reward 'geneval': reward.options.geneval.detector: unknown GenEval detector 'mmdetection' (did you mean 'mmdet'?); available: mmdet, transformers"]

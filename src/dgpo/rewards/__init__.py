@@ -51,7 +51,7 @@ def registered_factory(registry: Registry, name: str, options: dict):
         inspect.signature(factory).bind(**options)
     except TypeError as exc:
         takes = ", ".join(p.name for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD)
-        raise ValueError(f"{registry.kind} {name!r}: {exc} (it takes {takes})") from None
+        raise ValueError(f"{registry.kind} {name!r}: {exc} (it takes {takes or 'no options'})") from None
     return factory
 
 
