@@ -15,10 +15,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
-
-if TYPE_CHECKING:
-    from .registry import Registry
+from typing import Literal, Protocol
 
 
 class Requirement(Protocol):
@@ -119,6 +116,13 @@ class Setting:
         return []
 
 
+class Variants(Protocol):
+    """What a ``dgpo.registry.Registry`` offers a ``Variant``."""
+
+    def requirements(self, name: str) -> tuple[Requirement, ...]:
+        """The requirements variant ``name`` declared; a ValueError for an unknown name."""
+
+
 @dataclass(frozen=True)
 class Variant:
     """The requirements of the variant of ``registry`` that option ``option`` chooses (``default`` when not given),
@@ -126,7 +130,7 @@ class Variant:
 
     option: str
     default: str
-    registry: Registry
+    registry: Variants
 
     def problems(self, owner: str, options: Mapping, options_key: str) -> list[str]:
         name = options.get(self.option, self.default)
