@@ -1,4 +1,4 @@
-"""`dgpo` command line: train, eval, sample, pretrain-shapes, rewards, prompts, serve-reward, merge-lora.
+"""`dgpo` command line: train, check, eval, sample, pretrain-shapes, rewards, prompts, serve-reward, merge-lora.
 
 Errors a user can fix (config typos, missing files, bad prompts, corrupt checkpoints, a missing
 package or server: ``dgpo.errors.UserError``, ``ValueError``, ``FileNotFoundError``) are printed as
@@ -59,9 +59,19 @@ def cmd_train(args) -> int:
         return 0
     if args.config is None:
         raise ValueError("train needs a CONFIG recipe (e.g. configs/shapes/dgpo.yaml)")
+    if args.dry_run:
+        from .preflight import check_recipe
+
+        return check_recipe(args.config, args.set or [], resume=args.resume, overwrite=args.overwrite)
     config = load_config(args.config, args.set or [])
     # run_training prints the summary: evaluation before -> after and where the report, adapter and curves are.
     return run_training(config, resume=args.resume, overwrite=args.overwrite)["status"]
+
+
+def cmd_check(args) -> int:
+    from .preflight import check_recipe
+
+    return check_recipe(args.config, args.set or [], args.processes, args.resume, args.overwrite)
 
 
 def cmd_compare(args) -> int:
@@ -259,8 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in run.output_dir")
     p.add_argument("--overwrite", action="store_true", help="delete what run.output_dir holds and start a new run there")
     p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe and estimate its memory without training (as `dgpo check`)")
     _add_import_arg(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("check", help="find every problem of a recipe in seconds, before any weights load, and estimate its memory",
+                       description="Read the recipe, its prompt files, the model's configuration (not its weights), the rewards' "
+                                   "requirements and the process layout; print every problem, one line each, and the memory per "
+                                   "process. Exit status 0 when dgpo train would start, 2 otherwise.")
+    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/shapes/dgpo.yaml (default: the defaults, with --set)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--processes", type=int, default=0, help="processes the run will launch (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--resume", action="store_true", help="the run will continue the one in run.output_dir")
+    p.add_argument("--overwrite", action="store_true", help="the run will replace the one in run.output_dir")
+    _add_import_arg(p)
+    p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("compare", help="run several recipes under one budget and evaluation protocol",
                        description="Train each recipe from the same base model, seed and test prompts; evaluate every N steps; "

@@ -10,6 +10,8 @@ import difflib
 import importlib
 from typing import Callable, Generic, TypeVar
 
+from .requirements import Requirement
+
 T = TypeVar("T")
 
 PLUGINS: tuple[str, ...] = ("dgpo.shapes.plugin", "dgpo.prompt_set")
@@ -27,23 +29,33 @@ def load_plugins() -> None:
 
 
 class Registry(Generic[T]):
+    """Named variants, each with the requirements it declared (``dgpo.requirements``: packages, binaries, settings),
+    which ``dgpo check`` checks without building it."""
+
     def __init__(self, kind: str, plugins: bool = False):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._requirements: dict[str, tuple[Requirement, ...]] = {}
         self._plugins = plugins
 
     def _load(self) -> None:
         if self._plugins:
             load_plugins()
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, requires: tuple[Requirement, ...] = ()) -> Callable[[T], T]:
         def decorator(item: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = item
+            self._requirements[name] = tuple(requires)
             return item
 
         return decorator
+
+    def requirements(self, name: str) -> tuple[Requirement, ...]:
+        """What variant ``name`` declared it needs (a ValueError for an unknown name, as ``get``)."""
+        self.get(name)
+        return self._requirements[name]
 
     def get(self, name: str) -> T:
         self._load()
@@ -63,3 +75,4 @@ class Registry(Generic[T]):
 
     def unregister(self, name: str) -> None:
         del self._items[name]
+        del self._requirements[name]

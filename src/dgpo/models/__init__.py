@@ -12,16 +12,29 @@ from pathlib import Path
 
 from ..registry import Registry
 from .base import FlowModelAdapter
+from .description import ModelDescription, describe_pipeline
 
 BACKENDS: Registry[Callable[[str, int], FlowModelAdapter]] = Registry("model backend")
 PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {}  # backend -> the diffusers pipeline classes it loads
+DESCRIBERS: dict[str, Callable[[str, int], ModelDescription]] = {}  # backend -> its model directories' description
 
 
-def register_backend(name: str, pipelines: tuple[str, ...] = ()):
+def register_backend(name: str, pipelines: tuple[str, ...] = (), describe: Callable[[str, int], ModelDescription] | None = None):
     """Register a loader ``(path, resolution) -> adapter`` as backend ``name``; ``pipelines``: the diffusers
-    pipeline classes (``model_index.json`` ``_class_name``) its model directories hold, if any."""
+    pipeline classes (``model_index.json`` ``_class_name``) its model directories hold, if any; ``describe``:
+    ``(path, resolution) -> ModelDescription`` from the directory's configs without its weights, for ``dgpo check``."""
     PIPELINE_CLASSES[name] = pipelines
+    if describe is not None:
+        DESCRIBERS[name] = describe
     return BACKENDS.register(name)
+
+
+def describe_model(backend: str, path: str, resolution: int) -> ModelDescription | None:
+    """What ``path``'s configs say for ``backend`` (``dgpo.models.description``), or None for a backend that
+    registered no ``describe``."""
+    BACKENDS.get(backend)
+    describe = DESCRIBERS.get(backend)
+    return describe(path, resolution) if describe is not None else None
 
 
 def load_model(backend: str, path: str, resolution: int = 0) -> FlowModelAdapter:
@@ -69,18 +82,44 @@ def _directory_or_hub_id(path: str) -> str:
     return _existing_directory(path) if Path(path).exists() else path
 
 
-@register_backend("shapes")
-def _load_shapes(path: str, resolution: int) -> FlowModelAdapter:
-    from .shapes import SHIPPED_MODEL, ShapesModel
+def _describe_shapes(path: str, resolution: int) -> ModelDescription:
+    from .shapes import describe_shapes
 
-    if resolution not in (0, 32):
-        raise ValueError(f"the shapes backend draws 32x32 images; model.resolution must be 0 or 32, got {resolution}")
+    return describe_shapes(path, resolution)
+
+
+def _describe_sd3(path: str, resolution: int) -> ModelDescription:
+    from .sd3 import SD3Model
+
+    return describe_pipeline(path, resolution, "sd3", SD3Model.lora_target_modules)
+
+
+def _describe_flux(path: str, resolution: int) -> ModelDescription:
+    """FLUX packs 2x2 latents into a token; its pipeline's native size is 128 latents (1024 pixels)."""
+    from .flux import FluxModel
+
+    return describe_pipeline(path, resolution, "flux", FluxModel.lora_target_modules, packing=2, native_latent_size=128)
+
+
+def _describe_sana(path: str, resolution: int) -> ModelDescription:
+    from .sana import SanaModel
+
+    return describe_pipeline(path, resolution, "sana", SanaModel.lora_target_modules)
+
+
+@register_backend("shapes", describe=_describe_shapes)
+def _load_shapes(path: str, resolution: int) -> FlowModelAdapter:
+    from .shapes import SHIPPED_MODEL, ShapesModel, resolution_problem
+
+    problem = resolution_problem(resolution)
+    if problem:
+        raise ValueError(problem)
     if path in ("", "shipped"):
         return ShapesModel.from_pretrained(SHIPPED_MODEL)
     return ShapesModel.from_pretrained(_existing_directory(path))
 
 
-@register_backend("sd3", pipelines=("StableDiffusion3Pipeline",))
+@register_backend("sd3", pipelines=("StableDiffusion3Pipeline",), describe=_describe_sd3)
 def _load_sd3(path: str, resolution: int) -> FlowModelAdapter:
     """SD3 / SD3.5 from a diffusers directory; a hub id is passed through where the network allows."""
     from .sd3 import SD3Model
@@ -88,7 +127,7 @@ def _load_sd3(path: str, resolution: int) -> FlowModelAdapter:
     return SD3Model.from_pretrained(_directory_or_hub_id(path), resolution)
 
 
-@register_backend("flux", pipelines=("FluxPipeline",))
+@register_backend("flux", pipelines=("FluxPipeline",), describe=_describe_flux)
 def _load_flux(path: str, resolution: int) -> FlowModelAdapter:
     """FLUX.1 dev / schnell from a diffusers directory; a hub id is passed through where the network allows."""
     from .flux import FluxModel
@@ -96,7 +135,7 @@ def _load_flux(path: str, resolution: int) -> FlowModelAdapter:
     return FluxModel.from_pretrained(_directory_or_hub_id(path), resolution)
 
 
-@register_backend("sana", pipelines=("SanaPipeline",))
+@register_backend("sana", pipelines=("SanaPipeline",), describe=_describe_sana)
 def _load_sana(path: str, resolution: int) -> FlowModelAdapter:
     """SANA from a diffusers directory (resolution 0: the checkpoint's native size); a hub id is passed
     through where the network allows."""

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..registry import Registry
+from ..requirements import Requirement
 
 
 class RewardFn(Protocol):
@@ -26,30 +27,47 @@ class RewardFn(Protocol):
 REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward")
 
 
-def register_reward(name: str):
+def register_reward(name: str, requires: tuple[Requirement, ...] = ()):
     """Register a reward factory: a callable returning the reward function.
 
     Factories must work with no arguments; rewards that need a model path take it as a keyword
     argument whose default comes from an environment variable, and recipes can pass options
     per reward (``reward.options``), so ``get_reward(name, model=...)`` works in code and config.
+    ``requires``: the packages, binaries and settings the factory needs (``dgpo.requirements``), which
+    ``dgpo check`` checks without building the reward.
     """
-    return REWARDS.register(name)
+    return REWARDS.register(name, requires)
 
 
 def available_rewards() -> list[str]:
     return REWARDS.names()
 
 
-def build_registered(registry: Registry, name: str, **options):
-    """The factory ``name`` of ``registry`` called with ``options``; an option it does not take is a one-line
-    error naming the factory and the options it takes."""
+def registered_factory(registry: Registry, name: str, options: dict):
+    """The factory ``name`` of ``registry``, once ``options`` are known to fit it; an option it does not take is a
+    one-line error naming the factory and the options it takes."""
     factory = registry.get(name)
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as exc:
         takes = ", ".join(p.name for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD)
-        raise ValueError(f"{registry.kind} {name!r}: {exc} (it takes {takes})") from None
-    return factory(**options)
+        raise ValueError(f"{registry.kind} {name!r}: {exc} (it takes {takes or 'no options'})") from None
+    return factory
+
+
+def build_registered(registry: Registry, name: str, **options):
+    """The factory ``name`` of ``registry`` called with ``options`` (checked by ``registered_factory``)."""
+    return registered_factory(registry, name, options)(**options)
+
+
+def reward_problems(name: str, options: dict, options_key: str) -> list[str]:
+    """Why reward ``name`` with factory ``options`` (set under ``options_key``) would not build, one line each,
+    without building it: an unknown name or option, then its unmet requirements."""
+    try:
+        registered_factory(REWARDS, name, options)
+    except ValueError as exc:
+        return [str(exc)]
+    return [line for requirement in REWARDS.requirements(name) for line in requirement.problems(f"reward {name!r}", options, options_key)]
 
 
 def get_reward(name: str, **options) -> RewardFn:

@@ -22,8 +22,7 @@ prompt file in that form); a sample without it scores NaN.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..requirements import Variant
 from . import RewardCategories, register_categories, register_reward, to_pil_images
-from .clip import ClipEmbedder
-from .geneval_detectors import Detection, Detector, build_detector
+from .clip import CLIP_MODEL, ClipEmbedder
+from .geneval_detectors import DETECTORS, Detection, Detector, build_detector
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 # GenEval's zero-shot colour prompts ({c}: colour, {name}: the detected class).
 COLOR_TEMPLATES = ("a photo of a {c} {name}", "a photo of a {c}-colored {name}", "a photo of a {c} object")
 CROP_BACKGROUND = "#999"  # GenEval's ImageCrops bgcolor: pixels outside the object's mask
+COLOUR_MODEL = replace(CLIP_MODEL, option="clip_model")
+DEFAULT_DETECTOR = "transformers"
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ class ColourClassifier:
     of the three templates), applied to :func:`colour_crop` of each detection."""
 
     def __init__(self, model: str | None = None, device: str | None = None):
-        model = model or os.environ.get("DGPO_CLIP_MODEL", "openai/clip-vit-large-patch14")
+        model = COLOUR_MODEL.value(model)
         self.clip = ClipEmbedder("geneval", model, model, device, batch_size=len(COLORS) * len(COLOR_TEMPLATES))
         self.classifiers: dict[str, torch.Tensor] = {}
 
@@ -326,9 +328,9 @@ class GenEvalReward:
         return verdicts
 
 
-@register_reward("geneval")
+@register_reward("geneval", requires=(Variant("detector", DEFAULT_DETECTOR, DETECTORS), COLOUR_MODEL))
 def geneval(
-    detector: str = "transformers",
+    detector: str = DEFAULT_DETECTOR,
     clip_model: str | None = None,
     device: str | None = None,
     strict: bool = False,

@@ -31,6 +31,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..registry import Registry
+from ..requirements import Package, Requirement, Setting
 from . import build_registered
 
 # GenEval's evaluation/object_names.txt: the 80 COCO classes in the detector's output order.
@@ -54,6 +55,8 @@ MASK2FORMER_URL = (
 HF_MASK2FORMER = "facebook/mask2former-swin-small-coco-instance"
 # mmcv-full compiles its ops against the installed torch, so pip must not build it in an isolated environment.
 MMDET_INSTALL = "pip install --no-build-isolation 'dgpo[geneval-mmdet]'"
+TRANSFORMERS_MODEL = Setting("model", "DGPO_GENEVAL_MODEL", HF_MASK2FORMER, kind="model")
+MMDET_CHECKPOINT = Setting("checkpoint", "DGPO_GENEVAL_CHECKPOINT", kind="file")
 # mmdet's test pipeline for GenEval's config: Resize(img_scale=(1333, 800), keep_ratio=True), Normalize, Pad(size_divisor=32).
 SHORT_EDGE, LONG_EDGE, SIZE_DIVISOR = 800, 1333, 32
 PIXEL_MEAN, PIXEL_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # img_norm_cfg, RGB, on 0-255 values
@@ -81,10 +84,11 @@ class Detector(Protocol):
 DETECTORS: Registry[Callable[..., Detector]] = Registry("GenEval detector")
 
 
-def register_detector(name: str):
+def register_detector(name: str, requires: tuple[Requirement, ...] = ()):
     """Register a detector factory. Every factory takes ``device``, ``batch_size`` and ``min_score`` (detections
-    scoring at most this may be dropped: GenEval keeps only those above its thresholds) plus its own weights options."""
-    return DETECTORS.register(name)
+    scoring at most this may be dropped: GenEval keeps only those above its thresholds) plus its own weights options;
+    ``requires``: the packages and weights settings it needs (``dgpo.requirements``), for ``dgpo check``."""
+    return DETECTORS.register(name, requires)
 
 
 def build_detector(name: str, **options) -> Detector:
@@ -206,7 +210,7 @@ class TransformersMask2Former:
         return detections
 
 
-@register_detector("transformers")
+@register_detector("transformers", requires=(TRANSFORMERS_MODEL,))
 def transformers_detector(
     model: str | None = None,
     device: str | None = None,
@@ -217,7 +221,7 @@ def transformers_detector(
 ) -> TransformersMask2Former:
     """Mask2Former (Swin-S, COCO instances) through transformers: ``model`` a local directory or hub id
     (default $DGPO_GENEVAL_MODEL, else facebook/mask2former-swin-small-coco-instance)."""
-    model = model or os.environ.get("DGPO_GENEVAL_MODEL", HF_MASK2FORMER)
+    model = TRANSFORMERS_MODEL.value(model)
     return TransformersMask2Former(model, device, batch_size, min_score, short_edge, long_edge)
 
 
@@ -269,7 +273,7 @@ class MmdetMask2Former:
     def __init__(self, config: str | None, checkpoint: str | None, device: str | None, batch_size: int, min_score: float):
         init_detector, self._inference = _import_mmdet()
         config = config or os.environ.get("DGPO_GENEVAL_CONFIG") or default_config()
-        checkpoint = checkpoint or os.environ.get("DGPO_GENEVAL_CHECKPOINT")
+        checkpoint = MMDET_CHECKPOINT.value(checkpoint)
         if not checkpoint:
             raise UserError(
                 f"GenEval detector 'mmdet' needs the Mask2Former weights: set DGPO_GENEVAL_CHECKPOINT (or pass checkpoint=) "
@@ -289,7 +293,7 @@ class MmdetMask2Former:
         return detections
 
 
-@register_detector("mmdet")
+@register_detector("mmdet", requires=(Package("mmdet", MMDET_INSTALL), Package("mmcv", MMDET_INSTALL), MMDET_CHECKPOINT))
 def mmdet_detector(
     config: str | None = None, checkpoint: str | None = None, device: str | None = None, batch_size: int = 16, min_score: float = -1.0
 ) -> MmdetMask2Former:

@@ -308,15 +308,20 @@ def _apply_recipe(path: Path, config: Config, chain: tuple[Path, ...] = ()) -> N
     config_from_dict(data, config)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def read_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML recipe at ``path`` (after any recipe it inherits), then
-    ``section.field=value`` overrides; validated."""
+    ``section.field=value`` overrides; each value type-checked, the whole not yet validated."""
     config = Config()
     if path is not None:
         _apply_recipe(Path(path), config)
     for text in overrides:
         _apply(config, *parse_override(text))
-    return config.validate()
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """``read_config``, validated."""
+    return read_config(path, overrides).validate()
 
 
 def save_config(config: Config, path: str | Path) -> None:
