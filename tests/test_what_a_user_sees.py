@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_cli import _recipe
@@ -17,7 +18,10 @@ from test_compare import tiny_dgpo_recipe
 
 from dgpo.cli import OPTIONAL_KERNEL_LOGGER, OPTIONAL_KERNEL_WARNING, main
 from dgpo.rewards import REWARDS, register_reward
+from dgpo.train.config import load_config
 from dgpo.train.ema import eval_ema_decay, eval_ema_updates
+from dgpo.train.run import apply_guard
+from dgpo.train.state import RunState
 
 REPO = Path(__file__).resolve().parents[1]
 # Evaluation as small as ShapesEval allows: one image per category, two solver steps.
@@ -131,6 +135,15 @@ def test_the_guard_shows_the_drop_evaluates_the_stop_step_once_and_the_report_sa
     report = (out / "report.md").read_text()
     assert "the reward-hacking guard (eval.guard_metric) stopped the run at step 1 (run.max_steps 3)" in report
     assert "guard: test_slowly_falling went from -4.25601" in report
+
+
+def test_a_guard_tripping_at_the_final_evaluation_does_not_claim_to_stop_the_run():
+    config = load_config(None, ["eval.guard_metric=diversity"])
+    lines: list[str] = []
+    for finished, said in ((False, "; stopping the run"), (True, "; the run has ended already")):
+        trainer = SimpleNamespace(config=config, counters=SimpleNamespace(step=4), state=RunState.from_config(0.0), finished=lambda ended=finished: ended)
+        apply_guard(trainer, {"diversity": 0.3}, {"diversity": 0.1}, log=lines.append)
+        assert lines[-1].endswith(said) and trainer.state.guard_stopped is not finished
 
 
 def test_a_guard_without_evaluation_says_why_evaluation_is_off(tmp_path, capsys):

@@ -145,7 +145,9 @@ def apply_guard(trainer: Trainer, before: dict, now: dict, log, lower_is_better:
     start, value = distinct_digits(guard_metric_value(before, e.guard_metric), guard_metric_value(now, e.guard_metric))
     message = (f"guard: {e.guard_metric} went from {start} at step 0 to {value} at step {trainer.counters.step} "
                f"(eval.guard_max_drop {e.guard_max_drop:g})")
-    if e.guard_action == "stop":
+    if e.guard_action == "stop" and trainer.finished():
+        message += "; the run has ended already"  # the final evaluation: there is nothing left to stop
+    elif e.guard_action == "stop":
         trainer.state.guard_stopped = True
         message += "; stopping the run"
     else:
