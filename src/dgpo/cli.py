@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import shlex
 import sys
@@ -431,7 +432,23 @@ def load_plugins(modules: list[str]) -> None:
             raise UserError(f"--import {name}: no module named {exc.name!r} on the path or in {os.getcwd()}") from None
 
 
+OPTIONAL_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+OPTIONAL_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_the_optional_kernel_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(OPTIONAL_KERNEL_WARNING)
+
+
+def silence_optional_kernel_warning() -> None:
+    """Drop the one warning bitsandbytes logs on import (peft imports it) on a CPU with AVX512-BF16 when its optional
+    4-bit matmul kernel cannot be fetched from the kernels hub: dgpo runs no 4-bit CPU matmul, and users read the
+    line, printed before anything of dgpo's, as an error. Every other message of that logger still shows."""
+    logging.getLogger(OPTIONAL_KERNEL_LOGGER).addFilter(_not_the_optional_kernel_warning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    silence_optional_kernel_warning()
     args = build_parser().parse_args(argv)
     try:
         load_plugins(getattr(args, "imports", None) or [])

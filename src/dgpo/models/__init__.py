@@ -75,11 +75,21 @@ def _existing_directory(path: str) -> str:
 
 
 def _directory_or_hub_id(path: str) -> str:
-    """A path that exists must be a model directory; anything else goes to the hub (where there is network)."""
+    """A path that exists must be a model directory; a hub model id goes to the hub (where there is network, or its
+    cache holds it); anything else is no model at all."""
     if not path or path == "shipped":
         raise FileNotFoundError(f"no model given (model.path, --model {path!r}): this backend needs a model directory or hub id; "
                                 "'shipped' is the ShapesEval model of the shapes backend")
-    return _existing_directory(path) if Path(path).exists() else path
+    if Path(path).exists():
+        return _existing_directory(path)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"model.path {path!r}: no such directory (in {Path.cwd()}), and not a hub model id (owner/name) "
+                                "to fetch from the hub either") from None
+    return path
 
 
 def _describe_shapes(path: str, resolution: int) -> ModelDescription:

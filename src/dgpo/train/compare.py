@@ -119,24 +119,25 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     return json.loads((run_dir / "evals.json").read_text())
 
 
-LOWER_IS_BETTER_DIGITS = {"artifact"}  # ShapesEval's artifact score is small: one more decimal in curves.csv
-
-
 def curve_rows(name: str, evals: list[dict], seed: int = 0) -> list[dict]:
-    """One CSV row per evaluation: cost so far, overall, the evaluator's scores and out-of-domain metrics."""
+    """One CSV row per evaluation: cost so far, overall, the evaluator's scores and out-of-domain metrics, at full
+    precision (a reward may move in its fourth decimal, and a rounded score could miss or fake a threshold), and
+    which model it scored (the policy, or the evaluation EMA and its number of updates)."""
     rows = []
     for e in sorted(evals, key=lambda e: e["step"]):
+        evaluated = e.get("evaluated_model", {})
         row = {
             "recipe": name,
             "seed": seed,
             "step": e["step"],
-            "training_seconds": round(e.get("training_seconds", 0.0), 2),
+            "training_seconds": e.get("training_seconds", 0.0),
             "forward_equivalents": int(e.get("forward_equivalents", 0)),
-            "overall": round(e["overall"], 4),
+            "overall": e["overall"],
         }
-        row.update({c: round(v, 4) for c, v in scores_of(e).items()})
-        row.update({name: round(v, 5 if name in LOWER_IS_BETTER_DIGITS else 4) for name, v in out_of_domain_of(e).items()})
-        row.update(velocity_drift=round(e.get("velocity_drift", float("nan")), 4))
+        row.update(scores_of(e))
+        row.update(out_of_domain_of(e))
+        row.update(velocity_drift=e.get("velocity_drift", float("nan")), evaluated_model=evaluated.get("weights", ""),
+                   eval_ema_updates=evaluated.get("ema_updates", ""))
         rows.append(row)
     return rows
 
@@ -198,8 +199,8 @@ def threshold_entry(costs: list[dict], baseline_costs: list[dict]) -> dict:
         if bound == "none" or np.mean(theirs) <= 0:
             continue
         key = "seconds" if unit == "training_seconds" else "forwards"
-        ratio[key] = round(float(np.mean(ours) / np.mean(theirs)), 3)
-        ratio[f"{key}_interval"] = [round(x, 3) for x in bootstrap_ratio(ours, theirs)]
+        ratio[key] = float(np.mean(ours) / np.mean(theirs))
+        ratio[f"{key}_interval"] = list(bootstrap_ratio(ours, theirs))
     entry["ratio"] = ratio
     return entry
 
@@ -212,7 +213,7 @@ def mean_curve(seed_rows: dict[int, list[dict]]) -> list[dict]:
         at = [row for rows in seed_rows.values() for row in rows if row["step"] == step]
         mean, se = mean_and_se([row["overall"] for row in at])
         curve.append({
-            "step": step, "seeds": len(at), "overall_mean": round(mean, 4), "overall_se": round(se, 4),
+            "step": step, "seeds": len(at), "overall_mean": mean, "overall_se": se,
             "training_seconds": float(np.mean([row["training_seconds"] for row in at])),
             "forward_equivalents": float(np.mean([row["forward_equivalents"] for row in at])),
         })
@@ -234,8 +235,8 @@ def summarize(curves: dict[str, dict[int, list[dict]]], thresholds: list[float],
             "start": curve[0]["overall_mean"],
             "best": max(point["overall_mean"] for point in curve),
             "confirmed_best": max(held_scores([{"overall": p["overall_mean"]} for p in curve], confirmations), default=None),
-            "final": round(float(np.mean([row["overall"] for row in finals])), 4),
-            "final_se": round(mean_and_se([row["overall"] for row in finals])[1], 4),
+            "final": float(np.mean([row["overall"] for row in finals])),
+            "final_se": mean_and_se([row["overall"] for row in finals])[1],
             "final_step": max(row["step"] for row in finals),
             "training_seconds": float(np.mean([row["training_seconds"] for row in finals])),
             "forward_equivalents": float(np.mean([row["forward_equivalents"] for row in finals])),

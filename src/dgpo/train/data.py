@@ -57,11 +57,11 @@ def _prompt_from_row(row, where: str) -> Prompt:
 
 
 def _json_prompt(line: str, where: str) -> Prompt:
-    """One JSON-lines row: a {prompt, metadata} object."""
+    """One JSON-lines row: a {prompt, metadata} object. Broken JSON is named as such, with the parser's column."""
     try:
         row = json.loads(line)
-    except json.JSONDecodeError:
-        row = None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
     return _prompt_from_row(row if isinstance(row, dict) else None, where)
 
 

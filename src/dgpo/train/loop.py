@@ -42,7 +42,7 @@ from .collectives import Collectives
 from .config import Config, save_config
 from .data import GroupLayout, PromptSource
 from .draws import Draws
-from .ema import ParameterEMA, eval_ema_decay, ramped_decay
+from .ema import ParameterEMA, eval_ema_decay, eval_ema_updates, ramped_decay
 from .metrics_log import BudgetBar, MetricsLog
 from .optim import learning_rate, optimizer_class
 from .policy import Policy
@@ -294,9 +294,15 @@ class Trainer:
 
     def export_adapter(self, path: Path) -> None:
         """LoRA in diffusers' format, and with an evaluation EMA (eval.ema_decay) also its weights beside it as
-        ``<path>_ema`` (the reference code saves the EMA as its checkpoint). Every process calls it (sharded weights
-        are gathered); the main process writes."""
-        self.policy.export(path, write=self.acc.is_main_process)
+        ``<path>_ema`` (the reference code saves the EMA as its checkpoint), unless the EMA has had no update: it would
+        be the base model, so it is not written and a warning says why. Every process calls it (sharded weights are
+        gathered); the main process writes."""
+        e, steps = self.config.eval, self.counters.step
+        unmoved = self.policy.eval_ema is not None and eval_ema_updates(steps, e.ema_every) == 0
+        if unmoved and self.acc.is_main_process:
+            self.log(f"warning: {path.name}_ema/ not written: the evaluation EMA had no update in {steps} steps (eval.ema_every="
+                     f"{e.ema_every}), so it holds the base model; {path.name}/ holds the trained policy")
+        self.policy.export(path, write=self.acc.is_main_process, with_ema=not unmoved)
 
     def finished(self) -> bool:
         """run.max_steps reached, or run.max_seconds or run.max_forward_equivalents of training spent, or the guard stopped the run."""
@@ -314,8 +320,8 @@ class Trainer:
         previous = self._install_signal_handlers()
         r = self.config.run
         progress = self.algorithm.curves[0] if self.algorithm.curves else None
+        bar = BudgetBar(r, self.counters, disable=not self.acc.is_main_process)
         try:
-            bar = BudgetBar(r, self.counters, disable=not self.acc.is_main_process)
             while not self.finished():
                 try:
                     metrics = self.train_step()
@@ -334,8 +340,9 @@ class Trainer:
                 if self._stop_requested and not done:
                     self.log(f"stopped at step {self.counters.step}; resume with --resume")
                     return PREEMPTED_EXIT_CODE
-            bar.close()
         finally:
+            # Closed before an error propagates, so that the error's message prints below the bar, not under it.
+            bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.metrics_log.flush()

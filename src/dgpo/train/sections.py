@@ -174,7 +174,8 @@ class EvalConfig(Freezable):
                                            "images_per_category)", default=96)
     ema_decay: float = _help("decay of the evaluation EMA of the policy (0 = evaluate the raw policy; reference code 0.9). After n steps "
                              "it updates with decay min(ema_decay, (1 + n) / (10 + n)), as the reference's EMA warms up; it is "
-                             "evaluated, checkpointed and exported beside the adapter (adapter_ema/)", default=0.0)
+                             "evaluated, checkpointed and exported beside the adapter (adapter_ema/; not written while it has had no "
+                             "update, being the base model then)", default=0.0)
     ema_every: int = _help("update the evaluation EMA after every N-th optimizer step (when (n + 1) % N == 0; reference code 8)", default=1)
     metrics: list[str] = _help("registered rewards scored on the evaluation images as evaluation-only metrics (never trained on)", default_factory=list)
     guard_metric: str = _help("reward-hacking guard: an out-of-domain metric watched at each evaluation "
