@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from ..evaluators import NONE, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
 from .checkpoint import latest_good_checkpoint  # noqa: E402
-from .config import load_config  # noqa: E402
+from .config import ConfigError, config_from_dict, load_config  # noqa: E402
 from .run import run_training  # noqa: E402
 
 
@@ -91,7 +91,13 @@ BOOKKEEPING_FIELDS = ("output_dir", "save_every", "keep_checkpoints", "tensorboa
 def same_training(saved: dict, config: dict) -> bool:
     """Whether a run's saved config trains as ``config`` does: equal in every field but the run's bookkeeping (where
     it was written, how often it checkpointed, its loggers), so runs moved into a results folder, or made elsewhere,
-    are reused or resumed."""
+    are reused or resumed. A field added since the run was saved counts at its default, the behaviour of the code
+    that ran it; a saved field that no longer exists makes it another training."""
+    try:
+        saved = config_from_dict(saved).to_dict()
+    except ConfigError:
+        return False
+
     def training_fields(c: dict) -> dict:
         c = json.loads(json.dumps(c))
         for name in BOOKKEEPING_FIELDS:
