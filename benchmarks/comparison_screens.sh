@@ -12,6 +12,7 @@ S=configs/shapes/screens
 dgpo compare \
   awm_cfg1=configs/shapes/awm.yaml \
   awm_cfg45=$S/awm_cfg45.yaml \
+  awm_cfg45_half_lr=$S/awm_cfg45_half_lr.yaml \
   diffusionnft_cfg1=configs/shapes/diffusionnft.yaml \
   diffusionnft_cfg45=$S/diffusionnft_cfg45.yaml \
   flow_grpo=configs/shapes/flow_grpo.yaml \
