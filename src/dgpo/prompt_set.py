@@ -5,7 +5,7 @@ run's training rewards (``reward.weights``, with ``reward.options``): each rewar
 ``overall`` is their weighted sum, the training objective on prompts the run never trains on. Out of
 domain it reports within-prompt diversity (mode collapse is what a reward scoring images one at a time
 cannot see) and, given a second prompt file (``eval.ood_prompts``), the reward and diversity there.
-Registered through :data:`dgpo.registry.PLUGINS`; the default evaluator of every backend without its own
+Registered through :data:`dgpo.registry.CORE_REGISTRANTS`; the default evaluator of every backend without its own
 when ``eval.prompts`` is set.
 """
 from __future__ import annotations

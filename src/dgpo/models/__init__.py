@@ -13,7 +13,7 @@ from pathlib import Path
 from ..registry import Registry
 from .base import FlowModelAdapter
 
-BACKENDS: Registry[Callable[[str, int], FlowModelAdapter]] = Registry("model backend")
+BACKENDS: Registry[Callable[[str, int], FlowModelAdapter]] = Registry("model backend", plugins=True)
 PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {}  # backend -> the diffusers pipeline classes it loads
 
 
@@ -32,7 +32,7 @@ def load_model(backend: str, path: str, resolution: int = 0) -> FlowModelAdapter
 
 def check_model_directory(backend: str, path: str) -> None:
     """One-line errors, before anything loads, for a model directory the backend cannot load: a diffusers pipeline
-    of another kind (or a diffusers pipeline with model.backend left at its default, shapes), one component
+    of another kind (or any, for a backend that loads none), one component
     folder of a pipeline (DIR/transformer), or no pipeline at all for a pipeline backend."""
     directory = Path(path) if path else None
     if directory is None or not directory.is_dir():
@@ -55,7 +55,8 @@ def check_model_directory(backend: str, path: str) -> None:
                          f"(model.backend {backend} loads {' or '.join(expected)}; write one with pipeline.save_pretrained)")
 
 
-def _existing_directory(path: str) -> str:
+def existing_directory(path: str) -> str:
+    """``path`` when it is a directory, else a one-line error naming model.path (for a backend's loader)."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model.path {path!r} is not a model directory")
     return path
@@ -65,19 +66,8 @@ def _directory_or_hub_id(path: str) -> str:
     """A path that exists must be a model directory; anything else goes to the hub (where there is network)."""
     if not path or path == "shipped":
         raise FileNotFoundError(f"no model given (model.path, --model {path!r}): this backend needs a model directory or hub id; "
-                                "'shipped' is the ShapesEval model of the shapes backend")
-    return _existing_directory(path) if Path(path).exists() else path
-
-
-@register_backend("shapes")
-def _load_shapes(path: str, resolution: int) -> FlowModelAdapter:
-    from .shapes import SHIPPED_MODEL, ShapesModel
-
-    if resolution not in (0, 32):
-        raise ValueError(f"the shapes backend draws 32x32 images; model.resolution must be 0 or 32, got {resolution}")
-    if path in ("", "shipped"):
-        return ShapesModel.from_pretrained(SHIPPED_MODEL)
-    return ShapesModel.from_pretrained(_existing_directory(path))
+                                "'shipped' names the model a backend ships inside its package, and this one ships none")
+    return existing_directory(path) if Path(path).exists() else path
 
 
 @register_backend("sd3", pipelines=("StableDiffusion3Pipeline",))

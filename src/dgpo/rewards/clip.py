@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from . import register_reward
+from .base import register_reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
-from . import register_reward, to_pil_images
+from .base import register_reward, to_pil_images
 from .clip import ClipEmbedder
 
 # GenEval's evaluation/object_names.txt: the 80 COCO classes in the detector's output order.

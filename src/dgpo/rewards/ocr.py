@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from . import register_reward, to_pil_images
+from .base import register_reward, to_pil_images
 
 
 def levenshtein(a: str, b: str) -> int:

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
-from . import as_scores, get_reward, register_reward, to_pil_images
+from .base import as_scores, get_reward, register_reward, to_pil_images
 
 SCHEMA_VERSION = 1
 

@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
-from ..evaluators import NONE, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
+from ..evaluators import NONE, evaluator_of, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
 from .config import load_config  # noqa: E402
 from .run import run_training  # noqa: E402
 
@@ -110,9 +110,6 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     return json.loads((run_dir / "evals.json").read_text())
 
 
-LOWER_IS_BETTER_DIGITS = {"artifact"}  # ShapesEval's artifact score is small: one more decimal in curves.csv
-
-
 def curve_rows(name: str, evals: list[dict], seed: int = 0) -> list[dict]:
     """One CSV row per evaluation: cost so far, overall, the evaluator's scores and out-of-domain metrics."""
     rows = []
@@ -125,8 +122,10 @@ def curve_rows(name: str, evals: list[dict], seed: int = 0) -> list[dict]:
             "forward_equivalents": int(e.get("forward_equivalents", 0)),
             "overall": round(e["overall"], 4),
         }
-        row.update({c: round(v, 4) for c, v in scores_of(e).items()})
-        row.update({name: round(v, 5 if name in LOWER_IS_BETTER_DIGITS else 4) for name, v in out_of_domain_of(e).items()})
+        evaluator = evaluator_of(e)
+        decimals = evaluator.decimals if evaluator is not None else {}
+        row.update({c: round(v, decimals.get(c, 4)) for c, v in scores_of(e).items()})
+        row.update({name: round(v, decimals.get(name, 4)) for name, v in out_of_domain_of(e).items()})
         row.update(velocity_drift=round(e.get("velocity_drift", float("nan")), 4))
         rows.append(row)
     return rows

@@ -16,8 +16,10 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from .base import PromptEmbeddings
-from .sd3 import MMDiTLatents
+from ..models import existing_directory, register_backend
+from ..models.base import PromptEmbeddings
+from ..models.sd3 import MMDiTLatents
+from .prompts import vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
 # Token order of models saved before tokenizer.json recorded its special tokens. With <eos> at id 2,
@@ -274,7 +276,7 @@ def with_extra_layers(transformer: SD3Transformer2DModel, extra: int) -> SD3Tran
 
 
 class ShapesModel(MMDiTLatents):
-    """Adapter for the ShapesEval model (see ``dgpo.models.base.FlowModelAdapter``)."""
+    """Adapter for the ShapesEval model (see ``dgpo.models.base.FlowModelAdapter``), the ``shapes`` backend."""
 
     def __init__(self, vae: AutoencoderKL, transformer: SD3Transformer2DModel, text_encoder: CLIPTextModel, tokenizer: WordTokenizer):
         self.vae = vae
@@ -350,7 +352,15 @@ TINY_TRANSFORMER = dict(num_layers=2, attention_head_dim=16, num_attention_heads
 
 def build_tiny_model(seed: int = 0) -> ShapesModel:
     """A randomly initialised ShapesEval model with tiny components, for tests and soak benchmarks."""
-    from ..shapes.prompts import vocabulary
-
     torch.manual_seed(seed)
     return ShapesModel.from_config(vocabulary(), vae=TINY_VAE, transformer=TINY_TRANSFORMER).eval()
+
+
+@register_backend("shapes")
+def load_shapes_model(path: str, resolution: int) -> ShapesModel:
+    """The ``shapes`` backend: the base model shipped in the package for path '' or 'shipped', else the one saved at ``path``."""
+    if resolution not in (0, 32):
+        raise ValueError(f"the shapes backend draws 32x32 images; model.resolution must be 0 or 32, got {resolution}")
+    if path in ("", "shipped"):
+        return ShapesModel.from_pretrained(SHIPPED_MODEL)
+    return ShapesModel.from_pretrained(existing_directory(path))
