@@ -7,7 +7,7 @@ import ast
 import os
 import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import PackageNotFoundError, PathDistribution, distribution
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -98,10 +98,20 @@ def test_the_check_finds_a_general_module_that_names_a_plugin(tmp_path):
     assert "pkg/config.py:2 'toy_score'" in names_of_plugin_outside(tmp_path, plugin)
 
 
-def test_shapeseval_is_declared_as_a_dgpo_plugin_entry_point():
+def test_shapeseval_is_declared_as_a_dgpo_plugin_entry_point(tmp_path):
+    """pyproject.toml declares it, and metadata installed from that declaration loads it through the entry point alone."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"][PLUGIN_GROUP]["shapes"] == "dgpo.shapes.plugin"
+    declared = project["entry-points"][PLUGIN_GROUP]
+    assert declared["shapes"] == "dgpo.shapes.plugin"
+    # the metadata `pip install` writes from it (entry_points.txt), read the way the registry reads installed metadata
+    info = tmp_path / f"{project['name']}-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    (info / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\n" + "".join(f"{k} = {v}\n" for k, v in declared.items()))
+    installed = list(PathDistribution(info).entry_points.select(group=PLUGIN_GROUP))
+    assert [e.dist.name for e in installed] == ["dgpo"]  # dgpo's own: the bundled fallback stays off
+    assert plugin_modules(installed) == ["dgpo.shapes.plugin"] == bundled_plugin_modules()
 
 
 def test_loading_the_plugin_module_registers_all_of_shapeseval():

@@ -1,10 +1,10 @@
 """Name -> object registries (models, algorithms, rewards, evaluators, prompt sources, commands) with did-you-mean errors.
 
 A registry made with ``plugins=True`` loads the plugins on its first lookup (:func:`load_plugins`): the modules
-that installed packages declare under the ``dgpo.plugins`` entry point group. dgpo's own ShapesEval
-(``dgpo.shapes``) is one of them, declared in dgpo's pyproject.toml like any outside package's, so that the
-general code never imports it; importing a plugin module runs its ``register_*`` calls. The core's own
-registrants that would import their registry back (:data:`CORE_REGISTRANTS`) load on the same first lookup.
+that installed packages declare under the ``dgpo.plugins`` entry point group. dgpo's own plugins are declared
+in its pyproject.toml like any outside package's, so that the general code never imports them; importing a
+plugin module runs its ``register_*`` calls. The core's own registrants that would import their registry back
+(:data:`CORE_REGISTRANTS`) load on the same first lookup.
 """
 from __future__ import annotations
 
