@@ -15,10 +15,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import registry
 from .commands import COMMANDS, key_value
 from .errors import UserError
-from .models import BACKENDS
-from .registry import load_plugins as load_registered_plugins
 from .train.sections import ModelConfig
 
 
@@ -30,6 +29,8 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .models import BACKENDS
+
     p.add_argument("--backend", default=ModelConfig.backend, help=f"model backend: {', '.join(BACKENDS.names())} (default: {ModelConfig.backend})")
     p.add_argument("--model", default="", help="model directory (a diffusers pipeline for sd3/flux/sana; default: the model the backend ships, if any)")
     p.add_argument("--adapter", default=None, help="LoRA adapter written by `dgpo train`: run_dir/adapter, the run directory or the weights file")
@@ -302,7 +303,7 @@ def load_plugins(modules: list[str]) -> None:
     """Load the installed ``dgpo.plugins`` entry points (``dgpo.registry.load_plugins``) and import the ``--import``
     modules: importing one runs its ``register_reward`` / ``register_algorithm`` / ``register_backend`` calls.
     Modules are found on sys.path and in the current directory."""
-    load_registered_plugins()
+    registry.load_plugins()
     if modules and "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for name in modules:

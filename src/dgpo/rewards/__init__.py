@@ -7,7 +7,7 @@ applicable to this sample". Weighted combination happens outside the reward
 
 The contract and registry live in :mod:`dgpo.rewards.base`; importing this package registers the built-in rewards.
 """
-from . import builtin, clip, geneval, ocr, remote  # noqa: E402,F401  (register the built-in rewards)
+from . import builtin, clip, geneval, ocr, remote  # noqa: F401  (register the built-in rewards)
 from .base import (  # noqa: F401  (the public names)
     REWARDS,
     RewardFailure,
