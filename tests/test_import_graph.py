@@ -15,42 +15,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from source_imports import absolute_origin, imports_of, module_names
+
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def module_names(src: Path, package: str) -> dict[str, Path]:
-    """Every module of ``package`` under ``src``: dotted name -> file (a package's name maps to its ``__init__.py``)."""
-    names = {}
-    for path in sorted((src / package).rglob("*.py")):
-        parts = path.relative_to(src).with_suffix("").parts
-        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return names
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def imports_of(tree: ast.AST):
-    """Every import statement of a parsed module, at any depth, except inside ``if TYPE_CHECKING:``."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            yield node
-        elif isinstance(node, ast.If) and _is_type_checking(node.test):
-            for child in node.orelse:
-                yield from imports_of(ast.Module(body=[child], type_ignores=[]))
-        else:
-            yield from imports_of(node)
-
-
-def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
-    """The absolute module a ``from ... import`` names: relative levels resolved against ``module``."""
-    if node.level == 0:
-        return node.module or ""
-    parts = module.split(".")
-    base = parts if is_package else parts[:-1]
-    base = base[: len(base) - (node.level - 1)]
-    return ".".join([*base, node.module] if node.module else base)
 
 
 def import_graph(src: Path, package: str) -> dict[str, set[str]]:
@@ -62,7 +29,7 @@ def import_graph(src: Path, package: str) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:
-                origin = _absolute(name, path.name == "__init__.py", node)
+                origin = absolute_origin(name, path.name == "__init__.py", node)
                 targets = [f"{origin}.{a.name}" if f"{origin}.{a.name}" in modules else origin for a in node.names]
             graph[name] |= {t for t in targets if t in modules and t != name}
     return graph

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from source_imports import absolute_origin, imports_of, module_names
 
 from dgpo.cli import main
 from dgpo.commands import COMMANDS, register_command
@@ -54,27 +55,23 @@ def names_of_plugin_outside(src: Path, plugin: Path, allowed_defaults: Path | No
     module = ".".join(plugin.relative_to(src).parts)
     registered = registered_names(plugin)
     found = []
-    for path in sorted(src.rglob("*.py")):
+    for name, path in module_names(src, module.split(".")[0]).items():
         if plugin in path.parents:
             continue
         tree = ast.parse(path.read_text())
         where = path.relative_to(src)
-        skip = _docstrings(tree) | (_field_defaults(tree) if path == allowed_defaults else set())
-        package = ".".join(where.with_suffix("").parts[:-1] if path.name != "__init__.py" else where.parts[:-1])
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
-                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-                origin = ".".join([*base, node.module] if node.module else base)
-                targets = [origin, *(f"{origin}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
+        for node in imports_of(tree):
+            if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            else:
+                origin = absolute_origin(name, path.name == "__init__.py", node)
+                targets = [origin, *(f"{origin}.{a.name}" for a in node.names)]
+            found += [f"{where}:{node.lineno} import {t}" for t in targets if t == module or t.startswith(f"{module}.")][:1]
+        skip = _docstrings(tree) | (_field_defaults(tree) if path == allowed_defaults else set())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
                 if module in node.value or node.value in registered:
                     found.append(f"{where}:{node.lineno} {node.value!r}")
-                continue
-            else:
-                continue
-            found += [f"{where}:{node.lineno} import {t}" for t in targets if t == module or t.startswith(f"{module}.")][:1]
     return found
 
 
