@@ -5,7 +5,7 @@ prints each before/after table and the wall-clock time. Writes results/dgpo_shap
 every seed: the first seed's summary at the top level (the keys earlier versions wrote), every
 seed's under ``seeds``, and the mean and spread of the final scores. A seed whose run finished with
 the same config is reused, and an interrupted one resumes from its newest checkpoint, so a benchmark
-of several CPU hours can span several sittings. Usage:
+of several CPU hours can be stopped and continued. Usage:
 
     python benchmarks/dgpo_shapes_cpu.py [--seeds 0 1] [--set section.field=value ...]
 """
@@ -63,7 +63,7 @@ def as_saved(config) -> dict:
 
 def refuse_another_config(run_dir: Path, config) -> None:
     """A seed's checkpoints resume only under the config they were trained with (a recipe edited between
-    sittings would otherwise continue, or extend a finished run, under the new one)."""
+    an interruption and a resume would otherwise continue, or extend a finished run, under the new one)."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else None
     current = as_saved(config)
     if saved is not None and saved != current:

@@ -75,7 +75,7 @@ def time_step(trainer: Trainer, step: int) -> tuple[float, float]:
     """Seconds of the trainer's rollout and of its update (one optimizer step) for step ``step``'s groups."""
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     layout, seed = trainer.layout, trainer.config.run.seed
-    prompts = trainer.prompts.for_step(seed, step, layout.groups_per_step)
+    prompts = trainer.prompt_sampler.draw(seed, step, layout.groups_per_step)
     sample_ids = [i for ids in layout.local_samples() for i in ids]
     rewards = torch.rand(layout.samples_per_step, generator=keyed_generator("benchmark-rewards", seed, step))
     advantages = trainer.advantage_fn(rewards, torch.arange(len(rewards)) // layout.group_size, trainer.config.reward)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -59,14 +60,15 @@ def test_seeds_average_and_a_recipe_short_of_the_threshold_gives_a_lower_bound()
     }
     summary = summarize(curves, [0.5], "dgpo", confirmations=0)
     dgpo, grpo = summary["recipes"]["dgpo"], summary["recipes"]["flow_grpo"]
-    assert dgpo["curve"][0] == {"step": 0, "seeds": 2, "overall_mean": 0.41, "overall_se": 0.01, "training_seconds": 0.0, "forward_equivalents": 0.0}
+    assert dgpo["curve"][0] == {"step": 0, "seeds": 2, "overall_mean": pytest.approx(0.41), "overall_se": pytest.approx(0.01),
+                                "training_seconds": 0.0, "forward_equivalents": 0.0}
     assert dgpo["final"] == pytest.approx(0.54) and dgpo["final_se"] == pytest.approx(0.01)
     entry = grpo["thresholds"]["0.5"]
     assert entry["reached_seeds"] == 1 and entry["seeds"] == 2
     # Seed 1 counts at all it spent (200 s); the baseline's mean is 50 s: ratio >= (300 + 200) / 2 / 50.
     assert entry["training_seconds"] == 250.0 and entry["ratio"]["bound"] == "lower" and entry["ratio"]["seconds"] == 5.0
     low, high = entry["ratio"]["seconds_interval"]
-    assert round(200 / 60, 3) <= low < 5.0 < high <= 300 / 40  # the extremes of resampling, rounded as reported
+    assert 200 / 60 <= low < 5.0 < high <= 300 / 40  # the extremes of resampling
     # Swapped roles: the baseline falls short, so the other recipe's ratio is an upper bound.
     assert summarize(curves, [0.5], "flow_grpo", confirmations=0)["recipes"]["dgpo"]["thresholds"]["0.5"]["ratio"]["bound"] == "upper"
 
@@ -107,6 +109,19 @@ def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
     # A second call with --reuse trains nothing and reproduces the summary.
     assert main([*argv, "--reuse"]) == 0
     assert json.loads((out / "summary.json").read_text())["recipes"] == summary["recipes"]
+    # Finished runs moved to another folder are reused there (where a run was written is not part of its training);
+    # a run whose settings differ is trained again.
+    moved = tmp_path / "moved"
+    shutil.copytree(out / "runs", moved / "runs")
+    shutil.rmtree(out)
+    at_moved = [str(moved) if arg == str(out) else arg for arg in argv]
+    finished = moved / "runs" / "dgpo" / "seed-0" / "results.json"
+    written = finished.stat().st_mtime_ns
+    assert main([*at_moved, "--reuse"]) == 0
+    assert finished.stat().st_mtime_ns == written
+    assert json.loads((moved / "summary.json").read_text())["recipes"] == summary["recipes"]
+    assert main([*at_moved, "--reuse", "--set", "optim.lr=0.01"]) == 0
+    assert finished.stat().st_mtime_ns != written
 
 
 def test_compare_forward_budget_stops_a_recipe_at_the_step_that_spends_it(tiny_model_dir, tmp_path):

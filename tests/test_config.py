@@ -191,6 +191,7 @@ def test_wrong_type_is_one_line_error_naming_the_key(override, key):
         (["model.mixed_precision=fp8"], ["model.mixed_precision", "fp8"]),
         (["rollout.mixed_precision=fp8"], ["rollout.mixed_precision", "fp8"]),
         (["run.max_steps=-1"], ["run.max_steps"]),
+        (["run.max_steps=0"], ["run.max_steps must be >= 1", "dgpo eval"]),
         (["run.keep_checkpoints=0"], ["run.keep_checkpoints"]),
         (["reward.weights={}"], ["reward.weights", "empty"]),
         (["reward.weights={shapes_partial: 1, shapes_strict: -1}"], ["reward.weights", "zero"]),
@@ -213,7 +214,7 @@ def test_out_of_range_is_one_line_error_naming_the_key(overrides, must_contain):
         ["reward.std_mode=global"],
         ["reward.std_mode=none"],
         ["loss.timestep_mode=grid"],
-        ["run.max_steps=0"],
+        ["run.max_steps=1"],
         ["reward.weights={shapes_partial: 1, jpeg_compressibility: -0.5}"],
     ],
 )

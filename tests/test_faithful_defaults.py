@@ -1,4 +1,4 @@
-"""Issue 13: the trainer against the DGPO and Flow-GRPO reference code (its formulas written out here)."""
+"""The trainer against the DGPO and Flow-GRPO reference code (its formulas written out here)."""
 from __future__ import annotations
 
 import contextlib

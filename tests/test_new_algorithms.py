@@ -1,4 +1,4 @@
-"""Issue 16, item 1: DiffusionNFT, AWM and Flow-GRPO-Fast: their losses against hand computations and the
+"""DiffusionNFT, AWM and Flow-GRPO-Fast: their losses against hand computations and the
 reference code written out, their samplers and draws, and short training runs on the tiny model."""
 from __future__ import annotations
 

@@ -23,25 +23,23 @@ from dgpo.rewards import available_rewards, get_reward
 from dgpo.rewards.clip import ClipEmbedder, save_tiny_clip
 from dgpo.rewards.geneval import (
     COLORS,
-    OBJECT_NAMES,
     ColourClassifier,
-    Detection,
     GenEvalRules,
     colour_crop,
     compute_iou,
     convert_geneval_prompts,
-    detections_from_mmdet,
     is_geneval_metadata,
     judge,
     relative_position,
     select_detections,
 )
+from dgpo.rewards.geneval_detectors import OBJECT_NAMES, Detection, detections_from_mmdet
 from dgpo.train.data import PromptSource
 
 INSTALLED = all(importlib.util.find_spec(name) is not None for name in ("mmdet", "mmcv"))
 needs_extra = pytest.mark.skipif(
     not INSTALLED,
-    reason="mmdet/mmcv (the GenEval extra) is not installed: pip install --no-build-isolation 'dgpo[geneval]' "
+    reason="mmdet/mmcv (the geneval-mmdet extra) is not installed: pip install --no-build-isolation 'dgpo[geneval-mmdet]' "
     "(mmdet 2.x, mmcv-full 1.7); the test also needs DGPO_GENEVAL_CHECKPOINT=<mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth>",
 )
 
@@ -388,10 +386,10 @@ def test_registered():
 @pytest.mark.skipif(INSTALLED, reason="checks the message shown when the GenEval extra is missing")
 def test_missing_extra_names_the_package_and_the_install_line():
     with pytest.raises(RuntimeError) as info:
-        get_reward("geneval", checkpoint="unused.pth")
+        get_reward("geneval", detector="mmdet", checkpoint="unused.pth")
     message = str(info.value)
-    assert "\n" not in message and "missing here (the GenEval extra: mmdet 2.x, mmcv-full 1.7)" in message
-    assert "pip install --no-build-isolation 'dgpo[geneval]'" in message
+    assert "\n" not in message and "GenEval detector 'mmdet' needs mmdet, missing here (mmdet 2.x, mmcv-full 1.7)" in message
+    assert "pip install --no-build-isolation 'dgpo[geneval-mmdet]'" in message and "'transformers' needs neither" in message
 
 
 def _mmdet_demo_image() -> Path:
@@ -404,7 +402,7 @@ def _mmdet_demo_image() -> Path:
 @pytest.mark.skipif(not os.environ.get("DGPO_GENEVAL_CHECKPOINT"), reason="set DGPO_GENEVAL_CHECKPOINT to GenEval's Mask2Former .pth")
 @needs_extra  # innermost: its reason is the one reported when the extra is missing
 def test_real_detector_stack_on_a_photo():
-    reward = get_reward("geneval", strict=True)
+    reward = get_reward("geneval", detector="mmdet", strict=True)
     picture = Image.open(_mmdet_demo_image()).convert("RGB")
     detections = reward.detector.detect([picture])[0]
     confident = sorted((d for d in detections if d.confidence > 0.9), key=lambda d: -d.confidence)

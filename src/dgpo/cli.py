@@ -1,4 +1,4 @@
-"""`dgpo` command line: train, eval, sample, rewards, serve-reward, merge-lora, and the commands plugins register.
+"""`dgpo` command line: train, check, eval, sample, rewards, prompts, serve-reward, merge-lora, and the commands plugins register.
 
 Errors a user can fix (config typos, missing files, bad prompts, corrupt checkpoints, a missing
 package or server: ``dgpo.errors.UserError``, ``ValueError``, ``FileNotFoundError``) are printed as
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import shlex
 import sys
@@ -63,9 +64,19 @@ def cmd_train(args) -> int:
         return 0
     if args.config is None:
         raise ValueError("train needs a CONFIG recipe (e.g. configs/shapes/dgpo.yaml)")
+    if args.dry_run:
+        from .preflight import check_recipe
+
+        return check_recipe(args.config, args.set or [], resume=args.resume, overwrite=args.overwrite)
     config = load_config(args.config, args.set or [])
     # run_training prints the summary: evaluation before -> after and where the report, adapter and curves are.
     return run_training(config, resume=args.resume, overwrite=args.overwrite)["status"]
+
+
+def cmd_check(args) -> int:
+    from .preflight import check_recipe
+
+    return check_recipe(args.config, args.set or [], args.processes, args.resume, args.overwrite)
 
 
 def cmd_compare(args) -> int:
@@ -87,6 +98,11 @@ def _eval_config(args):
     from .train.config import load_config
 
     metrics = [m for m in (args.metrics or "").split(",") if m]
+    options: dict[str, dict] = {}
+    for reward, key, value in args.reward_option or []:
+        if reward not in metrics:
+            raise UserError(f"--reward-option {reward}.{key}: {reward} is not one of --metrics ({', '.join(metrics) or 'none'})")
+        options.setdefault(reward, {})[key] = value
     overrides = {
         "model.backend": args.backend, "model.resolution": args.resolution, "eval.evaluator": args.evaluator,
         "eval.prompts": args.prompts or "", "eval.ood_prompts": args.ood_prompts or "",
@@ -94,6 +110,7 @@ def _eval_config(args):
     }
     if metrics:
         overrides["reward.weights"] = {m: 1.0 for m in metrics}
+        overrides["reward.options"] = options
     config = load_config(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()])
     return config, metrics
 
@@ -121,7 +138,7 @@ def cmd_eval(args) -> int:
     print("\n".join([f"| {evaluator.score_label} | score |", "|---|---|", *rows, f"| **overall** | **{result.overall:.3f}** |"]))
     print("  ".join(f"{name} {value:.4f}" for name, value in result.out_of_domain.items()) + f"  ({result.num_images} images)")
     # A metric the evaluator scored already (the prompts evaluator's rewards) is not built or scored again.
-    extra_metrics = metric_means({m: get_reward(m) for m in metrics if m not in result.scores}, result)
+    extra_metrics = metric_means({m: get_reward(m, **config.reward.options.get(m, {})) for m in metrics if m not in result.scores}, result)
     scored = {m: result.scores[m] if m in result.scores else extra_metrics[m] for m in metrics}
     if extra_metrics:
         print("  ".join(f"{m} {v:.4f}" for m, v in extra_metrics.items()) + "  (--metrics)")
@@ -170,6 +187,27 @@ def cmd_rewards(args) -> int:
     return 0
 
 
+def cmd_prompts(args) -> int:
+    from .prompt_catalog import PROMPT_SETS, fetch_prompt_sets, select
+
+    if args.action == "list":
+        for s in PROMPT_SETS:
+            count = f"{s.count} prompts" if s.count is not None else "count unknown until fetched"
+            print(f"{s.file:24s} {count:28s} {s.repository}@{s.commit[:7]}:{s.path} ({s.license})")
+        return 0
+    fetch_prompt_sets(select(args.names), args.dir)
+    return 0
+
+
+def _reward_option(text: str) -> tuple[str, str, object]:
+    """REWARD.KEY=VALUE: ``key_value``'s KEY=VALUE with the reward's name before the key."""
+    key, value = key_value(text)
+    reward, sep, name = key.partition(".")
+    if not sep or not reward or not name:
+        raise argparse.ArgumentTypeError(f"expected REWARD.KEY=VALUE, got {text!r}")
+    return reward, name, value
+
+
 def cmd_serve_reward(args) -> int:
     from .rewards.remote import serve
 
@@ -204,8 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in run.output_dir")
     p.add_argument("--overwrite", action="store_true", help="delete what run.output_dir holds and start a new run there")
     p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe and estimate its memory without training (as `dgpo check`)")
     _add_import_arg(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("check", help="find every problem of a recipe in seconds, before any weights load, and estimate its memory",
+                       description="Read the recipe, its prompt files, the model's configuration (not its weights), the rewards' "
+                                   "requirements and the process layout; print every problem, one line each, and the memory per "
+                                   "process. Exit status 0 when dgpo train would start, 2 otherwise.")
+    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/shapes/dgpo.yaml (default: the defaults, with --set)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--processes", type=int, default=0, help="processes the run will launch (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--resume", action="store_true", help="the run will continue the one in run.output_dir")
+    p.add_argument("--overwrite", action="store_true", help="the run will replace the one in run.output_dir")
+    _add_import_arg(p)
+    p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("compare", help="run several recipes under one budget and evaluation protocol",
                        description="Train each recipe from the same base model, seed and test prompts; evaluate every N steps; "
@@ -243,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="held-out prompt file (one per line, or JSONL {prompt, metadata}) for the prompts evaluator")
     p.add_argument("--ood-prompts", help="a second, out-of-domain prompt file (prompts evaluator)")
     p.add_argument("--metrics", help="comma-separated registered rewards to score the images with (see `dgpo rewards`)")
+    p.add_argument("--reward-option", action="append", type=_reward_option, metavar="REWARD.KEY=VALUE",
+                   help="an option of a --metrics reward's factory (repeatable), e.g. --reward-option geneval.strict=true for GenEval's "
+                        "pass/fail accuracy (its paper's table) instead of partial credit")
     p.add_argument("--images-per-category", type=int, default=96,
                    help="test images per category (default: 96; prompts evaluator: images over the prompt file, at least 2 per prompt)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -268,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewards", help="list the registered rewards")
     _add_import_arg(p)
     p.set_defaults(fn=cmd_rewards)
+
+    p = sub.add_parser("prompts", help="list or fetch the paper recipes' prompt sets (GenEval, OCR, PickScore)",
+                       description="fetch downloads each set from its repository at a fixed commit, checks its git blob hash, "
+                                   "converts it to JSONL {prompt, metadata} and writes it where the recipes read it (prompts/). "
+                                   "Sources and licenses: prompts/README.md.")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("names", nargs="*", help="sets to fetch (a file name or prefix, e.g. geneval; a training set brings its test "
+                                            "set; default: all)")
+    p.add_argument("--dir", default="prompts", help="where to write them (default: prompts, as the recipes read them from the repository root)")
+    p.set_defaults(fn=cmd_prompts)
 
     p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (for the `remote` reward)",
                        description="Expose reward NAME at POST /score and GET /health (JSON schema version 1).")
@@ -315,7 +379,23 @@ def load_plugins(modules: list[str]) -> None:
             raise UserError(f"--import {name}: no module named {exc.name!r} on the path or in {os.getcwd()}") from None
 
 
+OPTIONAL_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+OPTIONAL_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_the_optional_kernel_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(OPTIONAL_KERNEL_WARNING)
+
+
+def silence_optional_kernel_warning() -> None:
+    """Drop the one warning bitsandbytes logs on import (peft imports it) on a CPU with AVX512-BF16 when its optional
+    4-bit matmul kernel cannot be fetched from the kernels hub: dgpo runs no 4-bit CPU matmul, and users read the
+    line, printed before anything of dgpo's, as an error. Every other message of that logger still shows."""
+    logging.getLogger(OPTIONAL_KERNEL_LOGGER).addFilter(_not_the_optional_kernel_warning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    silence_optional_kernel_warning()
     args = build_parser().parse_args(argv)
     try:
         load_plugins(getattr(args, "imports", None) or [])

@@ -71,7 +71,6 @@ class Evaluator:
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
     score_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)  # the curves' y-axis; None: the scores' own range
     default_thresholds: ClassVar[tuple[float, ...]] = ()  # `dgpo compare`'s overall scores to time without --threshold
-    decimals: ClassVar[dict[str, int]] = {}  # decimals in curves.csv of a score or metric too small for the default 4
 
     @classmethod
     def from_config(cls, config, model, rewards: dict | None = None) -> "Evaluator":

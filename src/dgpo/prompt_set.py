@@ -2,7 +2,10 @@
 
 It generates a few deterministic images per held-out prompt (``eval.prompts``) and scores them with the
 run's training rewards (``reward.weights``, with ``reward.options``): each reward's mean is a score, and
-``overall`` is their weighted sum, the training objective on prompts the run never trains on. Out of
+``overall`` is their weighted sum, the training objective on prompts the run never trains on. A reward that a
+benchmark reports per category (:func:`dgpo.rewards.register_categories`, e.g. GenEval per ``tag``) scores a
+prompt file whose metadata names every prompt's category as that benchmark does: the unweighted mean of its
+category means, with the categories in the benchmark's column order in `dgpo eval`'s table. Out of
 domain it reports within-prompt diversity (mode collapse is what a reward scoring images one at a time
 cannot see) and, given a second prompt file (``eval.ood_prompts``), the reward and diversity there.
 Registered through :data:`dgpo.registry.CORE_REGISTRANTS`; the default evaluator of every backend without its own
@@ -20,7 +23,7 @@ from .diversity import group_diversity
 from .evaluation import generate
 from .evaluators import PROMPT_SET, EvalResult, Evaluator, GridSelection, register_evaluator
 from .models.common import check_prompt_lengths
-from .rewards import combine_rewards, get_reward, mean_score, score_batch
+from .rewards import REWARD_CATEGORIES, category_means, combine_rewards, get_reward, mean_over_categories, mean_score, score_batch
 from .rollout import SamplerSettings
 from .train.data import Prompt, PromptSource
 
@@ -39,8 +42,42 @@ class ScoredSet:
     images: torch.Tensor
     prompts: list[Prompt]
     scores: dict[str, np.ndarray]  # reward name -> per-image scores
+    means: dict[str, float]  # reward name -> its score on the set
+    categories: dict[str, dict[str, float]]  # reward name -> category label -> mean, for rewards reported per category
     overall: float
     diversity: float
+
+
+def set_scores(scores: dict[str, np.ndarray], weights: dict[str, float], metadata: list[dict]) -> tuple[dict[str, float], dict[str, dict[str, float]], float]:
+    """Each reward's score on a prompt set, the category means of the rewards reported per category, and overall.
+
+    A reward's score is its mean over the images, or, where its benchmark reports it per category and the set's
+    metadata names every image's category, the unweighted mean over categories (:func:`mean_over_categories`).
+    Overall is the weighted sum of the rewards, per image then averaged (rewards applicable to different images
+    combine per image); with a reward reported per category it is the weighted sum of the rewards' scores, so an
+    evaluation with that reward alone reports the benchmark's own overall."""
+    categories = {}
+    for name in scores:
+        if name in REWARD_CATEGORIES:
+            means = category_means(scores[name], metadata, REWARD_CATEGORIES.get(name))
+            if means is not None:
+                categories[name] = means
+    means = {name: mean_over_categories(categories[name]) if name in categories else mean_score(s) for name, s in scores.items()}
+    if not categories:
+        return means, categories, mean_score(combine_rewards(scores, weights))
+    applicable = [weights[name] * means[name] for name in weights if np.isfinite(means[name])]  # as combine_rewards skips NaN
+    return means, categories, float(sum(applicable)) if applicable else float("nan")
+
+
+def category_table(categories: dict[str, dict[str, float]]) -> str:
+    """Markdown, one table per reward reported per category: overall, then each category, in the benchmark's order
+    (GenEval: overall, single, two, counting, colors, position, color attribution)."""
+    tables = []
+    for name, means in categories.items():
+        header = ["reward", "overall", *means]
+        row = [name, f"{mean_over_categories(means):.3f}", *(f"{value:.3f}" for value in means.values())]
+        tables.append("\n".join("| " + " | ".join(cells) + " |" for cells in (header, ["---"] * len(header), row)))
+    return "score per category (overall: their unweighted mean)\n" + "\n\n".join(tables)
 
 
 @register_evaluator(PROMPT_SET)
@@ -85,9 +122,8 @@ class PromptSetEvaluator(Evaluator):
             chunk = prompts[start : start + self.batch_size]
             chunk_scores.append(score_batch(self.rewards, generated[start : start + len(chunk)], [p.text for p in chunk], [p.metadata for p in chunk]))
         scores = {name: np.concatenate([c[name] for c in chunk_scores]) for name in self.rewards}
-        combined = combine_rewards(scores, self.weights)
-        overall = mean_score(combined)
-        return ScoredSet(generated, prompts, scores, overall, group_diversity(generated, [i // per_prompt for i in range(len(prompts))]))
+        means, categories, overall = set_scores(scores, self.weights, [p.metadata for p in prompts])
+        return ScoredSet(generated, prompts, scores, means, categories, overall, group_diversity(generated, [i // per_prompt for i in range(len(prompts))]))
 
     def evaluate(self, model, settings: SamplerSettings, images_per_category: int, seed: int = 0) -> EvalResult:
         held_out = self.score_set(model, settings, self.prompts, images_per_category, seed, "eval")
@@ -98,14 +134,20 @@ class PromptSetEvaluator(Evaluator):
         texts = [p.text for p in held_out.prompts]
         return EvalResult(
             overall=held_out.overall,
-            scores={name: mean_score(s) for name, s in held_out.scores.items()},
+            scores=held_out.means,
             out_of_domain=out_of_domain,
             images=held_out.images,
             prompts=texts,
             metadata=[p.metadata for p in held_out.prompts],
             grid=grid_selection(held_out.images, texts),
             scores_key=self.scores_key,
+            state={"categories": held_out.categories},
         )
+
+    def diagnostics(self, result: EvalResult, seed: int = 0) -> tuple[dict, str]:
+        """The rewards reported per category: their category means (JSON ``categories``) and table."""
+        categories = result.state.get("categories", {})
+        return ({"categories": categories}, category_table(categories)) if categories else ({}, "")
 
 
 def grid_selection(images: torch.Tensor, prompts: list[str]) -> GridSelection:

@@ -1,4 +1,4 @@
-"""Name -> object registries (models, algorithms, rewards, evaluators, prompt sources, commands) with did-you-mean errors.
+"""Name -> object registries (models, algorithms, rewards, evaluators, prompt sources, prompt samplers, commands) with did-you-mean errors.
 
 A registry made with ``plugins=True`` loads the plugins on its first lookup (:func:`load_plugins`): the modules
 that installed packages declare under the ``dgpo.plugins`` entry point group. dgpo's own plugins are declared
@@ -14,6 +14,8 @@ import importlib.util
 import pkgutil
 from importlib.metadata import EntryPoint, entry_points
 from typing import Callable, Generic, TypeVar
+
+from .requirements import Requirement
 
 T = TypeVar("T")
 
@@ -58,23 +60,33 @@ def load_plugins() -> None:
 
 
 class Registry(Generic[T]):
+    """Named variants, each with the requirements it declared (``dgpo.requirements``: packages, binaries, settings),
+    which ``dgpo check`` checks without building it."""
+
     def __init__(self, kind: str, plugins: bool = False):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._requirements: dict[str, tuple[Requirement, ...]] = {}
         self._plugins = plugins
 
     def _load(self) -> None:
         if self._plugins:
             load_plugins()
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, requires: tuple[Requirement, ...] = ()) -> Callable[[T], T]:
         def decorator(item: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = item
+            self._requirements[name] = tuple(requires)
             return item
 
         return decorator
+
+    def requirements(self, name: str) -> tuple[Requirement, ...]:
+        """What variant ``name`` declared it needs (a ValueError for an unknown name, as ``get``)."""
+        self.get(name)
+        return self._requirements[name]
 
     def get(self, name: str) -> T:
         self._load()
@@ -94,3 +106,4 @@ class Registry(Generic[T]):
 
     def unregister(self, name: str) -> None:
         del self._items[name]
+        del self._requirements[name]

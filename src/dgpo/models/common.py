@@ -82,8 +82,15 @@ class PipelineAdapter(PipelineLoRA):
 
     @classmethod
     def load_pipeline(cls, path: str | Path, torch_dtype: torch.dtype | None = None):
-        """A diffusers model directory (or a hub id where the network allows), every module frozen."""
-        pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(str(path), torch_dtype=torch_dtype, **_absent_components(path))
+        """A diffusers model directory (or a hub id where the network allows or the hub cache holds it), every module
+        frozen. A hub id that cannot be loaded is one line naming model.path, not the hub library's chained errors."""
+        try:
+            pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(str(path), torch_dtype=torch_dtype, **_absent_components(path))
+        except OSError:
+            if Path(path).is_dir():
+                raise
+            raise FileNotFoundError(f"model.path {str(path)!r}: no such directory (in {Path.cwd()}), and as a hub model id it is "
+                                    "not in the local hub cache and the hub is unreachable or does not hold it") from None
         for module in pipeline.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False)

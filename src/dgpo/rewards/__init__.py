@@ -9,15 +9,23 @@ The contract and registry live in :mod:`dgpo.rewards.base`; importing this packa
 """
 from . import builtin, clip, geneval, ocr, remote  # noqa: F401  (register the built-in rewards)
 from .base import (  # noqa: F401  (the public names)
+    REWARD_CATEGORIES,
     REWARDS,
+    RewardCategories,
     RewardFailure,
     RewardFn,
     as_scores,
     available_rewards,
+    build_registered,
+    category_means,
     combine_rewards,
     get_reward,
+    mean_over_categories,
     mean_score,
+    register_categories,
     register_reward,
+    registered_factory,
+    reward_problems,
     score_batch,
     to_pil_images,
 )

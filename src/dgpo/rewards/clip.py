@@ -8,7 +8,6 @@ at local weights. Preprocessing is done with torch ops on the (B, 3, H, W) tenso
 """
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -16,7 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..requirements import Setting
 from .base import register_reward
+
+CLIP_MODEL = Setting("model", "DGPO_CLIP_MODEL", "openai/clip-vit-large-patch14", kind="model")
+PICKSCORE_MODEL = Setting("model", "DGPO_PICKSCORE_MODEL", "yuvalkirstain/PickScore_v1", kind="model")
+# The PickScore checkpoint ships without tokenizer files; its reference code tokenizes with
+# the CLIP-H processor it was fine-tuned from.
+PICKSCORE_TOKENIZER = Setting("tokenizer", "DGPO_PICKSCORE_TOKENIZER", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", kind="model")
+AESTHETIC_MODEL = Setting("model", "DGPO_AESTHETIC_MODEL", "openai/clip-vit-large-patch14", kind="model")
+AESTHETIC_HEAD = Setting("head", "DGPO_AESTHETIC_HEAD", kind="file")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -74,22 +82,18 @@ def _scores(values: torch.Tensor) -> np.ndarray:
     return values.double().cpu().numpy()
 
 
-@register_reward("clip_score")
+@register_reward("clip_score", requires=(CLIP_MODEL,))
 def clip_score(model: str | None = None, device: str | None = None, batch_size: int = 32):
     """Prompt-image alignment: cosine of CLIP image and text embeddings (model: $DGPO_CLIP_MODEL)."""
-    model = model or os.environ.get("DGPO_CLIP_MODEL", "openai/clip-vit-large-patch14")
+    model = CLIP_MODEL.value(model)
     clip = ClipEmbedder("clip_score", model, model, device, batch_size)
     return lambda images, prompts, metadata: _scores((clip.images(images) * clip.texts(prompts)).sum(-1))
 
 
-@register_reward("pickscore")
+@register_reward("pickscore", requires=(PICKSCORE_MODEL, PICKSCORE_TOKENIZER))
 def pickscore(model: str | None = None, tokenizer: str | None = None, device: str | None = None, batch_size: int = 32):
     """Human preference: PickScore = exp(logit_scale) * cos(image, text) (model: $DGPO_PICKSCORE_MODEL)."""
-    model = model or os.environ.get("DGPO_PICKSCORE_MODEL", "yuvalkirstain/PickScore_v1")
-    # The PickScore checkpoint ships without tokenizer files; its reference code tokenizes with
-    # the CLIP-H processor it was fine-tuned from.
-    tokenizer = tokenizer or os.environ.get("DGPO_PICKSCORE_TOKENIZER", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
-    clip = ClipEmbedder("pickscore", model, tokenizer, device, batch_size)
+    clip = ClipEmbedder("pickscore", PICKSCORE_MODEL.value(model), PICKSCORE_TOKENIZER.value(tokenizer), device, batch_size)
     logit_scale = clip.model.logit_scale.exp()
     return lambda images, prompts, metadata: _scores(logit_scale * (clip.images(images) * clip.texts(prompts)).sum(-1))
 
@@ -121,11 +125,10 @@ def load_linear_head(path: str) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers).eval().requires_grad_(False)
 
 
-@register_reward("aesthetic")
+@register_reward("aesthetic", requires=(AESTHETIC_MODEL, AESTHETIC_HEAD))
 def aesthetic(model: str | None = None, head: str | None = None, device: str | None = None, batch_size: int = 32):
     """Aesthetics: a linear head on the unit CLIP image embedding ($DGPO_AESTHETIC_MODEL, $DGPO_AESTHETIC_HEAD)."""
-    model = model or os.environ.get("DGPO_AESTHETIC_MODEL", "openai/clip-vit-large-patch14")
-    head = head or os.environ.get("DGPO_AESTHETIC_HEAD")
+    model, head = AESTHETIC_MODEL.value(model), AESTHETIC_HEAD.value(head)
     if not head:
         raise UserError("reward 'aesthetic' needs a head: set DGPO_AESTHETIC_HEAD to a .safetensors file (or pass head=)")
     clip = ClipEmbedder("aesthetic", model, None, device, batch_size)

@@ -8,12 +8,12 @@ A port of GenEval's ``evaluation/evaluate_images.py`` (github.com/djghosh13/gene
   "exclude"?}``, one line of GenEval's ``evaluation_metadata.jsonl``). The strict verdict is
   GenEval's; the partial credit is the one RL codebases train on (Flow-GRPO's reward server,
   ``evaluate_reward``), reproduced with its quirks so scores compare with its reward curves.
-* the detector layer (:class:`Mask2Former`, :class:`ColourClassifier`) needs the ``geneval``
-  extra (mmdet 2.x and mmcv-full 1.7, the versions GenEval documents): GenEval's
-  ``mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco`` instance segmenter, and a zero-shot CLIP
-  ViT-L/14 colour classifier over GenEval's ten colours and prompt templates. The CLIP runs
-  through ``transformers`` (``openai/clip-vit-large-patch14``, the same OpenAI weights GenEval
-  loads with open_clip), so open_clip and clip_benchmark are not needed.
+* the detector layer: a Mask2Former COCO instance segmenter picked by name (``detector``, see
+  :mod:`dgpo.rewards.geneval_detectors`: ``transformers`` by default, GenEval's own ``mmdet`` stack
+  as an option), and a zero-shot CLIP ViT-L/14 colour classifier over GenEval's ten colours and
+  prompt templates (:class:`ColourClassifier`). The CLIP runs through ``transformers``
+  (``openai/clip-vit-large-patch14``, the same OpenAI weights GenEval loads with open_clip), so
+  open_clip and clip_benchmark are not needed.
 
 The ``geneval`` reward reads each sample's GenEval metadata from ``metadata`` (the trainer passes
 the ``metadata`` object of each JSONL prompt line; :func:`convert_geneval_prompts` writes GenEval's
@@ -22,8 +22,7 @@ prompt file in that form); a sample without it scores NaN.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,34 +30,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import UserError
-from .base import register_reward, to_pil_images
-from .clip import ClipEmbedder
+from ..requirements import Variant
+from .base import RewardCategories, register_categories, register_reward, to_pil_images
+from .clip import CLIP_MODEL, ClipEmbedder
+from .geneval_detectors import DETECTORS, Detection, Detector, build_detector
 
-# GenEval's evaluation/object_names.txt: the 80 COCO classes in the detector's output order.
-OBJECT_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 # GenEval's zero-shot colour prompts ({c}: colour, {name}: the detected class).
 COLOR_TEMPLATES = ("a photo of a {c} {name}", "a photo of a {c}-colored {name}", "a photo of a {c} object")
 CROP_BACKGROUND = "#999"  # GenEval's ImageCrops bgcolor: pixels outside the object's mask
-MASK2FORMER = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco"
-# GenEval's evaluation/download_models.sh fetches this file and saves it as f"{MASK2FORMER}.pth".
-MASK2FORMER_URL = (
-    "https://download.openmmlab.com/mmdetection/v3.0/mask2former/mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco/"
-    "mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco_20220504_001756-c9d0c4f2.pth"
-)
-# mmcv-full compiles its ops against the installed torch, so pip must not build it in an isolated environment.
-INSTALL = "pip install --no-build-isolation 'dgpo[geneval]'"
+COLOUR_MODEL = replace(CLIP_MODEL, option="clip_model")
+DEFAULT_DETECTOR = "transformers"
 
 
 @dataclass(frozen=True)
@@ -70,18 +52,6 @@ class GenEvalRules:
     max_objects: int = 16  # most confident detections kept per class
     max_overlap: float = 1.0  # per-class NMS IoU; 1.0 keeps overlapping boxes
     position_threshold: float = 0.1  # margin, as a fraction of both boxes' sizes, for relative position
-
-
-@dataclass
-class Detection:
-    """One detected object: class name, confidence, box (x1, y1, x2, y2) in pixels, optional binary
-    mask (H, W), and the colour label of the colour classifier where a prompt asks for a colour."""
-
-    name: str
-    confidence: float
-    box: tuple[float, float, float, float]
-    mask: np.ndarray | None = field(default=None, repr=False)
-    color: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,9 +86,10 @@ def select_detections(detections: list[Detection], tag: str | None, rules: GenEv
         by_class.setdefault(detection.name, []).append(detection)
     selected = {}
     for name, candidates in by_class.items():
-        scores = np.array([d.confidence for d in candidates])
+        # In float32, as GenEval compares mmdet's float32 scores: a score of float32(0.3) is not above 0.3.
+        scores = np.array([d.confidence for d in candidates], dtype=np.float32)
         ordering = np.argsort(scores)[::-1]
-        ordering = ordering[scores[ordering] > threshold][: rules.max_objects].tolist()
+        ordering = ordering[scores[ordering] > np.float32(threshold)][: rules.max_objects].tolist()
         kept = []
         while ordering:
             best = candidates[ordering.pop(0)]
@@ -257,36 +228,36 @@ def judge(objects: dict[str, list[Detection]], metadata: dict, rules: GenEvalRul
     return Verdict(correct, partial_score(objects, metadata, rules), tuple(reasons))
 
 
-def convert_geneval_prompts(source, destination) -> int:
-    """GenEval's ``evaluation_metadata.jsonl`` -> dgpo prompt JSONL: one ``{"prompt": ..., "metadata": line}``
-    per line, the whole GenEval line kept as the metadata. Returns the number of prompts written."""
+def geneval_prompt_rows(text: str, source: str) -> list[dict]:
+    """The lines of GenEval's ``evaluation_metadata.jsonl`` (or a file in its format) as dgpo prompt rows,
+    ``{"prompt": ..., "metadata": line}``: the whole GenEval line is kept as the metadata the reward judges."""
     rows = []
-    for number, line in enumerate(Path(source).read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         row = json.loads(line)
         if not isinstance(row.get("prompt"), str) or not is_geneval_metadata(row):
             raise ValueError(f"{source}:{number}: not a GenEval metadata line (needs 'prompt' and an 'include' list)")
-        rows.append(json.dumps({"prompt": row["prompt"], "metadata": row}))
-    Path(destination).write_text("".join(f"{row}\n" for row in rows))
+        rows.append({"prompt": row["prompt"], "metadata": row})
+    return rows
+
+
+def convert_geneval_prompts(source, destination) -> int:
+    """GenEval's ``evaluation_metadata.jsonl`` -> dgpo prompt JSONL (:func:`geneval_prompt_rows`). Returns the
+    number of prompts written."""
+    rows = geneval_prompt_rows(Path(source).read_text(), str(source))
+    Path(destination).write_text("".join(f"{json.dumps(row)}\n" for row in rows))
     return len(rows)
 
 
+# GenEval reports accuracy per prompt tag, in its paper's column order, and overall as the mean over the six tags.
+register_categories("geneval", RewardCategories("tag", {
+    "single_object": "single", "two_object": "two", "counting": "counting", "colors": "colors",
+    "position": "position", "color_attr": "color attribution",
+}))
+
+
 # ----------------------------------------------------------------------------- detector layer
-
-
-def detections_from_mmdet(result) -> list[Detection]:
-    """One image's mmdet 2.x instance result (per class: an (n, 5) array of x1, y1, x2, y2, score, and
-    with masks a list of n (H, W) masks) as detections, named by GenEval's class list."""
-    bbox = result[0] if isinstance(result, tuple) else result
-    segm = result[1] if isinstance(result, tuple) and len(result) > 1 else None
-    if len(bbox) != len(OBJECT_NAMES):
-        raise ValueError(f"expected per-class results for the {len(OBJECT_NAMES)} COCO classes, got {len(bbox)}")
-    return [
-        Detection(name, float(row[4]), tuple(float(v) for v in row[:4]), None if segm is None else np.asarray(segm[index][j]))
-        for index, name in enumerate(OBJECT_NAMES)
-        for j, row in enumerate(bbox[index])
-    ]
 
 
 def colour_crop(image: Image.Image, box, mask: np.ndarray | None = None) -> Image.Image:
@@ -305,7 +276,7 @@ class ColourClassifier:
     of the three templates), applied to :func:`colour_crop` of each detection."""
 
     def __init__(self, model: str | None = None, device: str | None = None):
-        model = model or os.environ.get("DGPO_CLIP_MODEL", "openai/clip-vit-large-patch14")
+        model = COLOUR_MODEL.value(model)
         self.clip = ClipEmbedder("geneval", model, model, device, batch_size=len(COLORS) * len(COLOR_TEMPLATES))
         self.classifiers: dict[str, torch.Tensor] = {}
 
@@ -332,57 +303,10 @@ class ColourClassifier:
                     detection.color = colour
 
 
-def _import_mmdet():
-    try:
-        from mmdet.apis import inference_detector, init_detector
-    except ImportError as exc:
-        raise UserError(f"the geneval reward needs {exc.name or 'mmdet'}, missing here (the GenEval extra: mmdet 2.x, mmcv-full 1.7): {INSTALL}") from None
-    return init_detector, inference_detector
-
-
-def default_config() -> str:
-    """mmdet's own copy of GenEval's Mask2Former config (pip installs keep configs under ``mmdet/.mim``;
-    GenEval's source install has them next to the package)."""
-    import mmdet
-
-    root = Path(mmdet.__file__).parent
-    for configs in (root / ".mim" / "configs", root.parent / "configs"):
-        path = configs / "mask2former" / f"{MASK2FORMER}.py"
-        if path.is_file():
-            return str(path)
-    raise UserError(f"reward 'geneval': mmdet has no configs/mask2former/{MASK2FORMER}.py; pass config= or set DGPO_GENEVAL_CONFIG")
-
-
-class Mask2Former:
-    """GenEval's object detector through ``mmdet.apis``: images go in as 8-bit BGR arrays, as mmcv reads
-    the PNG files GenEval evaluates."""
-
-    def __init__(self, config: str | None = None, checkpoint: str | None = None, device: str | None = None, batch_size: int = 16):
-        init_detector, self._inference = _import_mmdet()
-        config = config or os.environ.get("DGPO_GENEVAL_CONFIG") or default_config()
-        checkpoint = checkpoint or os.environ.get("DGPO_GENEVAL_CHECKPOINT")
-        if not checkpoint:
-            raise UserError(
-                f"reward 'geneval' needs the Mask2Former weights: set DGPO_GENEVAL_CHECKPOINT (or pass checkpoint=) "
-                f"to {MASK2FORMER}.pth, from {MASK2FORMER_URL}"
-            )
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = init_detector(config, checkpoint, device=self.device)
-        self.batch_size = int(batch_size)
-
-    @torch.no_grad()
-    def detect(self, images: list[Image.Image]) -> list[list[Detection]]:
-        detections = []
-        for start in range(0, len(images), self.batch_size):
-            arrays = [np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1]) for image in images[start : start + self.batch_size]]
-            detections.extend(detections_from_mmdet(result) for result in self._inference(self.model, arrays))
-        return detections
-
-
 class GenEvalReward:
     """Detect, keep GenEval's boxes, label colours where asked, judge; NaN for samples without GenEval metadata."""
 
-    def __init__(self, detector: Mask2Former, colours: ColourClassifier, strict: bool, rules: GenEvalRules):
+    def __init__(self, detector: Detector, colours: ColourClassifier, strict: bool, rules: GenEvalRules):
         self.detector, self.colours, self.strict, self.rules = detector, colours, strict, rules
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> np.ndarray:
@@ -390,19 +314,23 @@ class GenEvalReward:
         todo = [i for i, meta in enumerate(metadata) if is_geneval_metadata(meta)]
         if not todo:
             return scores
-        pictures = to_pil_images(images[todo])
-        for i, picture, detections in zip(todo, pictures, self.detector.detect(pictures)):
-            objects = select_detections(detections, metadata[i].get("tag"), self.rules)
-            self.colours.label(picture, objects, metadata[i])
-            verdict = judge(objects, metadata[i], self.rules)
+        for i, verdict in zip(todo, self.verdicts(to_pil_images(images[todo]), [metadata[i] for i in todo])):
             scores[i] = float(verdict.correct) if self.strict else verdict.partial
         return scores
 
+    def verdicts(self, pictures: list[Image.Image], metadata: list[dict]) -> list[Verdict]:
+        """GenEval's verdict and the partial credit of each picture; each metadata is a GenEval line."""
+        verdicts = []
+        for picture, meta, detections in zip(pictures, metadata, self.detector.detect(pictures)):
+            objects = select_detections(detections, meta.get("tag"), self.rules)
+            self.colours.label(picture, objects, meta)
+            verdicts.append(judge(objects, meta, self.rules))
+        return verdicts
 
-@register_reward("geneval")
+
+@register_reward("geneval", requires=(Variant("detector", DEFAULT_DETECTOR, DETECTORS), COLOUR_MODEL))
 def geneval(
-    config: str | None = None,
-    checkpoint: str | None = None,
+    detector: str = DEFAULT_DETECTOR,
     clip_model: str | None = None,
     device: str | None = None,
     strict: bool = False,
@@ -412,9 +340,17 @@ def geneval(
     max_objects: int = GenEvalRules.max_objects,
     max_overlap: float = GenEvalRules.max_overlap,
     position_threshold: float = GenEvalRules.position_threshold,
+    **detector_options,
 ):
-    """GenEval with Mask2Former + CLIP colours: partial credit, or pass/fail with strict=True (needs dgpo[geneval])."""
-    detector = Mask2Former(config, checkpoint, device, batch_size)
-    colours = ColourClassifier(clip_model, detector.device)
+    """GenEval with Mask2Former + CLIP colours: partial credit, or pass/fail with strict=True (detector: transformers|mmdet).
+
+    ``detector``: ``transformers`` (default; weights ``model``, $DGPO_GENEVAL_MODEL) or ``mmdet`` (GenEval's own
+    stack, needs dgpo[geneval-mmdet]; ``checkpoint``, ``config``); the options not named here go to the detector."""
     rules = GenEvalRules(threshold, counting_threshold, int(max_objects), max_overlap, position_threshold)
-    return GenEvalReward(detector, colours, bool(strict), rules)
+    if "min_score" in detector_options:
+        raise ValueError("reward 'geneval': min_score follows from threshold and counting_threshold; set those instead")
+    # Detections at or below both thresholds can never be selected: the detector may drop them early.
+    min_score = min(rules.threshold, rules.counting_threshold)
+    found = build_detector(detector, device=device, batch_size=batch_size, min_score=min_score, **detector_options)
+    colours = ColourClassifier(clip_model, found.device)
+    return GenEvalReward(found, colours, bool(strict), rules)

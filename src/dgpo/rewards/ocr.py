@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..requirements import Binary, Package
 from .base import register_reward, to_pil_images
 
 
@@ -46,7 +47,7 @@ def ocr_score(recognised: str, target: str) -> float:
     return 1.0 - min(levenshtein(recognised, target), len(target)) / len(target)
 
 
-@register_reward("ocr")
+@register_reward("ocr", requires=(Package("pytesseract", "pip install 'dgpo[ocr]'"), Binary("tesseract", "apt-get install tesseract-ocr")))
 def ocr(psm: int = 11):
     """Text rendering: 1 - edit distance / length of the quoted prompt text, read with Tesseract OCR."""
     try:

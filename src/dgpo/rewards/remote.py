@@ -31,9 +31,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..requirements import Setting
 from .base import as_scores, get_reward, register_reward, to_pil_images
 
 SCHEMA_VERSION = 1
+URL = Setting("url", "DGPO_REMOTE_URL")
 
 
 def encode_images(images: torch.Tensor) -> list[str]:
@@ -122,10 +124,10 @@ def serve(name: str, host: str = "127.0.0.1", port: int = 8000, **options) -> No
         server.server_close()
 
 
-@register_reward("remote")
+@register_reward("remote", requires=(URL,))
 def remote(url: str | None = None, reward: str | None = None, batch_size: int = 16, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0):
     """A reward served by `dgpo serve-reward` at $DGPO_REMOTE_URL; retries with exponential backoff."""
-    url = (url or os.environ.get("DGPO_REMOTE_URL") or "").rstrip("/")
+    url = (URL.value(url) or "").rstrip("/")
     reward = reward or os.environ.get("DGPO_REMOTE_REWARD")
     if not url:
         raise UserError("reward 'remote' needs a server URL: set DGPO_REMOTE_URL or pass url=")

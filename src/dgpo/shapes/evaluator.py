@@ -126,7 +126,6 @@ class ShapesEvaluator(Evaluator):
     scores_key = "categories"
     out_of_domain = {"artifact": "artifact (lower is better)", "diversity": "diversity within prompt"}
     lower_is_better = frozenset({"artifact"})
-    decimals = {"artifact": 5}  # the artifact score is small: one more decimal
     # Above the shipped base (0.695), where RL's lift shows.
     default_thresholds = (0.75, 0.8)
 

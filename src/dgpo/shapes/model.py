@@ -9,6 +9,7 @@ or a ``CLIPTextModel`` (earlier bases, still loadable). Saved in diffusers' fold
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ..models import existing_directory, register_backend
 from ..models.base import PromptEmbeddings
+from ..models.description import ModelDescription, describe_components
 from ..models.sd3 import MMDiTLatents
 from .prompts import vocabulary
 
@@ -225,8 +227,13 @@ TEXT_ENCODER_CLASSES = {"CLIPTextModel": (CLIPTextModel, clip_features), "T5Enco
 """Text encoder architectures a saved ShapesEval model may hold (config.json's ``architectures``), and how each gives features."""
 
 
+def text_encoder_architecture(path: Path) -> str:
+    """The text encoder class a saved model's ``text_encoder/config.json`` names (CLIPTextModel before it recorded one)."""
+    return json.loads((path / "config.json").read_text()).get("architectures", ["CLIPTextModel"])[0]
+
+
 def load_text_encoder(path: Path):
-    architecture = json.loads((path / "config.json").read_text()).get("architectures", ["CLIPTextModel"])[0]
+    architecture = text_encoder_architecture(path)
     if architecture not in TEXT_ENCODER_CLASSES:
         raise ValueError(f"{path}: unsupported text encoder {architecture!r}; expected one of {', '.join(TEXT_ENCODER_CLASSES)}")
     return TEXT_ENCODER_CLASSES[architecture][0].from_pretrained(path)
@@ -356,11 +363,35 @@ def build_tiny_model(seed: int = 0) -> ShapesModel:
     return ShapesModel.from_config(vocabulary(), vae=TINY_VAE, transformer=TINY_TRANSFORMER).eval()
 
 
-@register_backend("shapes")
+def resolution_problem(resolution: int) -> str | None:
+    """Why the shapes backend cannot draw at ``resolution`` (it draws 32x32), or None."""
+    if resolution not in (0, 32):
+        return f"the shapes backend draws 32x32 images; model.resolution must be 0 or 32, got {resolution}"
+    return None
+
+
+def describe_shapes(path: str, resolution: int) -> ModelDescription:
+    """A ShapesEval model folder ('' or 'shipped': the packaged one) as its configs describe it (``dgpo check``)."""
+    directory = SHIPPED_MODEL if path in ("", "shipped") else Path(path)
+    if not directory.is_dir():
+        return ModelDescription(problems=(f"model.path {path}: no such directory (the shapes backend loads a ShapesEval model folder: "
+                                          "vae/, transformer/, text_encoder/, tokenizer.json)",))
+    encoder = directory / "text_encoder"
+    specs = {"vae": ("diffusers", "AutoencoderKL"), "transformer": ("diffusers", "SD3Transformer2DModel"),
+             "text_encoder": ("transformers", text_encoder_architecture(encoder) if (encoder / "config.json").is_file() else "CLIPTextModel")}
+    described = describe_components(directory, specs, resolution, ShapesModel.lora_target_modules)
+    extra = [resolution_problem(resolution)]
+    if not (directory / "tokenizer.json").is_file():
+        extra.append(f"model.path {path}: {directory} has no tokenizer.json (the ShapesEval word tokenizer)")
+    return dataclasses.replace(described, problems=described.problems + tuple(p for p in extra if p))
+
+
+@register_backend("shapes", describe=describe_shapes)
 def load_shapes_model(path: str, resolution: int) -> ShapesModel:
     """The ``shapes`` backend: the base model shipped in the package for path '' or 'shipped', else the one saved at ``path``."""
-    if resolution not in (0, 32):
-        raise ValueError(f"the shapes backend draws 32x32 images; model.resolution must be 0 or 32, got {resolution}")
+    problem = resolution_problem(resolution)
+    if problem:
+        raise ValueError(problem)
     if path in ("", "shipped"):
         return ShapesModel.from_pretrained(SHIPPED_MODEL)
     return ShapesModel.from_pretrained(existing_directory(path))

@@ -9,7 +9,7 @@ the bidirectional T5-style encoder by default) or, as the first base model had i
 trained jointly.
 
 Every draw of step s is keyed by (seed, s), and stage 2 checkpoints to ``<output>/checkpoints`` every
-``save_every`` steps, so a pretraining of several hours can span several sittings (``resume``) and ends
+``save_every`` steps, so a pretraining of several hours can be stopped and continued (``resume``) and ends
 bit-identical to an uninterrupted one.
 """
 from __future__ import annotations

@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
-from ..evaluators import NONE, evaluator_of, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
+from ..evaluators import NONE, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
 from .config import load_config  # noqa: E402
 from .run import run_training  # noqa: E402
 
@@ -81,6 +81,16 @@ def default_thresholds(evaluators: list[str]) -> list[float]:
     return thresholds
 
 
+def same_training(saved: dict, config: dict) -> bool:
+    """Whether a finished run's saved config trains as ``config`` does: equal in every field but where the run was
+    written (run.output_dir), so runs moved into a results folder, or made elsewhere, are reused."""
+    def placed_anywhere(c: dict) -> dict:
+        c = json.loads(json.dumps(c))
+        c.get("run", {}).pop("output_dir", None)
+        return c
+    return placed_anywhere(saved) == placed_anywhere(config)
+
+
 def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides: list[str], reuse: bool, seed: int = 0, log=print) -> list[dict]:
     """Train one recipe with one training seed under the shared protocol (or reuse a finished run); returns its evaluations."""
     run_dir = output / "runs" / name / f"seed-{seed}"
@@ -97,8 +107,7 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     ]
     config = load_config(recipe, [*overrides, *protocol])
     finished = run_dir / "results.json"
-    as_saved = json.loads(json.dumps(config.to_dict()))
-    if reuse and finished.exists() and json.loads(finished.read_text()).get("config") == as_saved:
+    if reuse and finished.exists() and same_training(json.loads(finished.read_text()).get("config", {}), config.to_dict()):
         log(f"{name} seed {seed}: reusing the finished run in {run_dir}")
     else:
         limits = [f"{budget.steps} steps"] + ([f"{budget.seconds:.0f} s"] if budget.seconds else [])
@@ -111,22 +120,24 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
 
 
 def curve_rows(name: str, evals: list[dict], seed: int = 0) -> list[dict]:
-    """One CSV row per evaluation: cost so far, overall, the evaluator's scores and out-of-domain metrics."""
+    """One CSV row per evaluation: cost so far, overall, the evaluator's scores and out-of-domain metrics, at full
+    precision (a reward may move in its fourth decimal, and a rounded score could miss or fake a threshold), and
+    which model it scored (the policy, or the evaluation EMA and its number of updates)."""
     rows = []
     for e in sorted(evals, key=lambda e: e["step"]):
+        evaluated = e.get("evaluated_model", {})
         row = {
             "recipe": name,
             "seed": seed,
             "step": e["step"],
-            "training_seconds": round(e.get("training_seconds", 0.0), 2),
+            "training_seconds": e.get("training_seconds", 0.0),
             "forward_equivalents": int(e.get("forward_equivalents", 0)),
-            "overall": round(e["overall"], 4),
+            "overall": e["overall"],
         }
-        evaluator = evaluator_of(e)
-        decimals = evaluator.decimals if evaluator is not None else {}
-        row.update({c: round(v, decimals.get(c, 4)) for c, v in scores_of(e).items()})
-        row.update({name: round(v, decimals.get(name, 4)) for name, v in out_of_domain_of(e).items()})
-        row.update(velocity_drift=round(e.get("velocity_drift", float("nan")), 4))
+        row.update(scores_of(e))
+        row.update(out_of_domain_of(e))
+        row.update(velocity_drift=e.get("velocity_drift", float("nan")), evaluated_model=evaluated.get("weights", ""),
+                   eval_ema_updates=evaluated.get("ema_updates", ""))
         rows.append(row)
     return rows
 
@@ -188,8 +199,8 @@ def threshold_entry(costs: list[dict], baseline_costs: list[dict]) -> dict:
         if bound == "none" or np.mean(theirs) <= 0:
             continue
         key = "seconds" if unit == "training_seconds" else "forwards"
-        ratio[key] = round(float(np.mean(ours) / np.mean(theirs)), 3)
-        ratio[f"{key}_interval"] = [round(x, 3) for x in bootstrap_ratio(ours, theirs)]
+        ratio[key] = float(np.mean(ours) / np.mean(theirs))
+        ratio[f"{key}_interval"] = list(bootstrap_ratio(ours, theirs))
     entry["ratio"] = ratio
     return entry
 
@@ -202,7 +213,7 @@ def mean_curve(seed_rows: dict[int, list[dict]]) -> list[dict]:
         at = [row for rows in seed_rows.values() for row in rows if row["step"] == step]
         mean, se = mean_and_se([row["overall"] for row in at])
         curve.append({
-            "step": step, "seeds": len(at), "overall_mean": round(mean, 4), "overall_se": round(se, 4),
+            "step": step, "seeds": len(at), "overall_mean": mean, "overall_se": se,
             "training_seconds": float(np.mean([row["training_seconds"] for row in at])),
             "forward_equivalents": float(np.mean([row["forward_equivalents"] for row in at])),
         })
@@ -224,8 +235,8 @@ def summarize(curves: dict[str, dict[int, list[dict]]], thresholds: list[float],
             "start": curve[0]["overall_mean"],
             "best": max(point["overall_mean"] for point in curve),
             "confirmed_best": max(held_scores([{"overall": p["overall_mean"]} for p in curve], confirmations), default=None),
-            "final": round(float(np.mean([row["overall"] for row in finals])), 4),
-            "final_se": round(mean_and_se([row["overall"] for row in finals])[1], 4),
+            "final": float(np.mean([row["overall"] for row in finals])),
+            "final_se": mean_and_se([row["overall"] for row in finals])[1],
             "final_step": max(row["step"] for row in finals),
             "training_seconds": float(np.mean([row["training_seconds"] for row in finals])),
             "forward_equivalents": float(np.mean([row["forward_equivalents"] for row in finals])),

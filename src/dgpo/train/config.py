@@ -21,6 +21,7 @@ from ..evaluators import EVALUATORS, NONE, PROMPT_SET, resolve_evaluator
 from ..sampling import SAMPLER_REGISTRY, sampler_check
 from .algorithms import ADVANTAGES, ALGORITHMS
 from .optim import LR_SCHEDULES, OPTIMIZERS
+from .prompt_sampling import PROMPT_SAMPLERS
 from .sections import (
     DataConfig,
     EvalConfig,
@@ -61,9 +62,11 @@ class Config(Freezable):
 
     def validate(self) -> Config:
         """Check every field, then freeze the config. The registries check their own variants: the algorithm its
-        settings (``Algorithm.checks``) and its rollout sampler's kind, the sampler names their samplers."""
+        settings (``Algorithm.checks``) and its rollout sampler's kind, the sampler names their samplers, the prompt sampler
+        its knobs (``PromptSampler.checks``)."""
         d, r, loss, m, e = self.data, self.rollout, self.loss, self.model, self.eval
-        for field_name, registry, name in (("loss.algorithm", ALGORITHMS, loss.algorithm), ("reward.advantage", ADVANTAGES, self.reward.advantage)):
+        for field_name, registry, name in (("loss.algorithm", ALGORITHMS, loss.algorithm), ("reward.advantage", ADVANTAGES, self.reward.advantage),
+                                           ("data.prompt_sampling", PROMPT_SAMPLERS, d.prompt_sampling)):
             if name not in registry:
                 try:
                     registry.get(name)
@@ -75,6 +78,7 @@ class Config(Freezable):
             except ValueError as exc:
                 raise ConfigError(f"eval.evaluator: {exc} (or none)") from None
         algorithm = ALGORITHMS.get(loss.algorithm)
+        evaluator_name, why_no_evaluation = resolve_evaluator(e.evaluator, m.backend, e.prompts)
         rollout_sampler = sampler_check("rollout.sampler", r.sampler)
         eval_sampler = sampler_check("eval.sampler", e.sampler, deterministic=True)
         stochastic = rollout_sampler is None and SAMPLER_REGISTRY.get(r.sampler).stochastic
@@ -113,6 +117,7 @@ class Config(Freezable):
              f"loss.t_min_end must be -1 (fixed t_min) or in [0, t_max={loss.t_max}), got {loss.t_min_end}"),
             (1 <= loss.grid_points <= r.num_steps, f"loss.grid_points must be in [1, rollout.num_steps={r.num_steps}], got {loss.grid_points}"),
             *algorithm.checks(self),
+            *PROMPT_SAMPLERS.get(d.prompt_sampling).checks(self),
             (r.sde_window >= 0, f"rollout.sde_window must be >= 0 (0 = SDE at every step), got {r.sde_window}"),
             (r.sde_window == 0 or 0 <= r.sde_window_range[0] <= r.sde_window_range[1] - r.sde_window <= r.num_steps - r.sde_window,
              f"rollout.sde_window_range={list(r.sde_window_range)} must hold a window of {r.sde_window} steps within the {r.num_steps} rollout steps"),
@@ -143,15 +148,18 @@ class Config(Freezable):
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.run.max_seconds >= 0, f"run.max_seconds must be >= 0 (0 = no limit), got {self.run.max_seconds}"),
             (self.run.max_forward_equivalents >= 0, f"run.max_forward_equivalents must be >= 0 (0 = no limit), got {self.run.max_forward_equivalents}"),
-            (self.run.max_steps >= 0, f"run.max_steps must be >= 0, got {self.run.max_steps}"),
+            (self.run.max_steps >= 1, f"run.max_steps must be >= 1 (a run of 0 steps trains nothing; evaluate a model or adapter "
+                                     f"with `dgpo eval`), got {self.run.max_steps}"),
             (self.run.save_every >= 0, f"run.save_every must be >= 0, got {self.run.save_every}"),
             (e.every >= 0, f"eval.every must be >= 0, got {e.every}"),
             (e.guard_action in ("stop", "raise_kl"), f"eval.guard_action must be stop or raise_kl, got {e.guard_action!r}"),
             (e.guard_max_drop > 0, f"eval.guard_max_drop must be > 0, got {e.guard_max_drop}"),
+            (not e.guard_metric or evaluator_name != NONE, f"eval.guard_metric {e.guard_metric!r} watches the evaluations, but evaluation "
+             f"is off: {why_no_evaluation}; set eval.prompts to a held-out prompt file (or eval.evaluator to a registered evaluator)"),
             (e.guard_metric in ("", *evaluator_metrics(e, self.model.backend), *e.metrics),
              f"eval.guard_metric {e.guard_metric!r} must be one of the evaluator's metrics "
              f"{list(evaluator_metrics(e, self.model.backend))} or of eval.metrics {e.metrics}"),
-            (resolve_evaluator(e.evaluator, m.backend, e.prompts)[0] != PROMPT_SET or bool(e.prompts),
+            (evaluator_name != PROMPT_SET or bool(e.prompts),
              f"eval.evaluator={PROMPT_SET} needs eval.prompts, a held-out prompt file"),
             (not e.ood_prompts or bool(e.prompts), "eval.ood_prompts needs eval.prompts (the prompts evaluator's held-out prompt file)"),
             (e.num_steps >= 1, f"eval.num_steps must be >= 1, got {e.num_steps}"),
@@ -285,6 +293,16 @@ def parse_override(text: str) -> tuple[str, str, object]:
 INHERIT_KEY = "inherit"
 
 
+def yaml_error_message(path: Path, exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: ``FILE:LINE:COLUMN`` (1-based, as editors count) and the parser's problem,
+    with what it was parsing (``while parsing a flow sequence``); the first line of the error when it has no position."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}"
+    context = f" ({exc.context})" if getattr(exc, "context", None) else ""
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {exc.problem}{context}"
+
+
 def _apply_recipe(path: Path, config: Config, chain: tuple[Path, ...] = ()) -> None:
     """Apply a YAML recipe; ``inherit: other.yaml`` (relative to the recipe) is applied first."""
     if not path.is_file():
@@ -294,7 +312,7 @@ def _apply_recipe(path: Path, config: Config, chain: tuple[Path, ...] = ()) -> N
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(yaml_error_message(path, exc)) from None
     if isinstance(data, dict) and INHERIT_KEY in data:
         data = dict(data)
         parent = data.pop(INHERIT_KEY)
@@ -304,15 +322,20 @@ def _apply_recipe(path: Path, config: Config, chain: tuple[Path, ...] = ()) -> N
     config_from_dict(data, config)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def read_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML recipe at ``path`` (after any recipe it inherits), then
-    ``section.field=value`` overrides; validated."""
+    ``section.field=value`` overrides; each value type-checked, the whole not yet validated."""
     config = Config()
     if path is not None:
         _apply_recipe(Path(path), config)
     for text in overrides:
         _apply(config, *parse_override(text))
-    return config.validate()
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """``read_config``, validated."""
+    return read_config(path, overrides).validate()
 
 
 def save_config(config: Config, path: str | Path) -> None:

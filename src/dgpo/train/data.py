@@ -1,8 +1,8 @@
 """Prompts and the group layout of a step: which process holds which samples of which group.
 
-A step draws ``groups_per_step`` prompts (a shuffled pass over the prompt set, keyed by the
-run seed, so the draw depends only on the step number). Sample ``n`` of the step belongs to
-group ``n // G``. Micro-step ``m`` covers whole groups; each process holds a contiguous
+A step draws ``groups_per_step`` prompts (by default a shuffled pass over the prompt set, keyed by the
+run seed, so the draw depends only on the step number; ``prompt_sampling.py`` has the samplers). Sample
+``n`` of the step belongs to group ``n // G``. Micro-step ``m`` covers whole groups; each process holds a contiguous
 slice of every micro-step, so a group may span processes but never micro-steps, and the
 cross-process group sum of one micro-step completes every group in it.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..registry import Registry
-from ..seeding import stable_seed
+from ..seeding import keyed_generator
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,11 @@ def _prompt_from_row(row, where: str) -> Prompt:
 
 
 def _json_prompt(line: str, where: str) -> Prompt:
-    """One JSON-lines row: a {prompt, metadata} object."""
+    """One JSON-lines row: a {prompt, metadata} object. Broken JSON is named as such, with the parser's column."""
     try:
         row = json.loads(line)
-    except json.JSONDecodeError:
-        row = None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
     return _prompt_from_row(row if isinstance(row, dict) else None, where)
 
 
@@ -91,7 +91,10 @@ class PromptSource:
             return cls(PROMPT_SOURCES.get(spec)(), spec)
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {spec} (or use a registered prompt source: {' / '.join(PROMPT_SOURCES.names())})")
+            from ..prompt_catalog import fetch_hint  # the paper's prompt sets are fetched, not shipped
+
+            hint = fetch_hint(spec) or f"or use a registered prompt source: {' / '.join(PROMPT_SOURCES.names())}"
+            raise FileNotFoundError(f"prompt file not found: {spec} ({hint})")
         text = path.read_text()
         lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
         if text.lstrip().startswith("["):
@@ -105,13 +108,15 @@ class PromptSource:
 
     def for_step(self, seed: int, step: int, count: int) -> list[Prompt]:
         """The ``count`` prompts of ``step``: consecutive slices of seeded per-epoch permutations."""
-        out = []
         n = len(self.prompts)
-        for position in range(step * count, (step + 1) * count):
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed("prompts", seed, epoch)))
-            out.append(self.prompts[int(order[offset])])
-        return out
+        return [self.prompts[shuffled_index(n, position, "prompts", seed)] for position in range(step * count, (step + 1) * count)]
+
+
+def shuffled_index(size: int, position: int, *keys: object) -> int:
+    """Element ``position`` of consecutive shuffled passes over ``range(size)``: pass ``e = position // size`` is the
+    permutation keyed by ``(*keys, e)``, so every index comes once per pass and any position is found without the others."""
+    epoch, offset = divmod(position, size)
+    return int(torch.randperm(size, generator=keyed_generator(*keys, epoch))[offset])
 
 
 class LayoutError(ValueError):

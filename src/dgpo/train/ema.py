@@ -30,6 +30,16 @@ def eval_ema_decay(completed_steps: int, decay: float, every: int) -> float | No
     return min(decay, (1 + n) / (10 + n))
 
 
+def eval_ema_updates(completed_steps: int, every: int) -> int:
+    """How many updates the evaluation EMA has had once ``completed_steps`` optimizer steps are done: the n in
+    1..completed_steps with (n + 1) % every == 0 (``eval_ema_decay``'s rule), that is
+
+        floor((completed_steps + 1) / every) - floor(1 / every)
+
+    so none before step max(1, every - 1): with the reference code's every = 8, none in a run of fewer than 7 steps."""
+    return (completed_steps + 1) // every - 1 // every
+
+
 class ParameterEMA:
     """shadow <- decay * shadow + (1 - decay) * param, over a fixed list of named parameters."""
 

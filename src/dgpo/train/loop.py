@@ -5,8 +5,8 @@ sample) (``draws.py``), so 1 and 2 processes, and a resumed run, compute the sam
 needs no random generator state). Gradients of the trainable parameters are summed across processes
 explicitly after the micro-steps (``collectives.py``), or with model.sharding=fsdp2 by FSDP2's reduce-scatter
 in the backward (``sharding.py``), so the loss normalisation is global. The parts: ``policy.py`` (weights, reference,
-prompt embeddings), ``rollouts.py`` (sampling), ``scoring.py`` (rewards and their failure policy),
-``algorithms.py`` (the losses), ``state.py`` (counters and the run state), ``metrics_log.py``.
+prompt embeddings), ``prompt_sampling.py`` (which prompts a step draws), ``rollouts.py`` (sampling), ``scoring.py``
+(rewards and their failure policy), ``algorithms.py`` (the losses), ``state.py`` (counters and the run state), ``metrics_log.py``.
 """
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ from .collectives import Collectives
 from .config import Config, save_config
 from .data import GroupLayout, PromptSource
 from .draws import Draws
-from .ema import ParameterEMA, eval_ema_decay, ramped_decay
+from .ema import ParameterEMA, eval_ema_decay, eval_ema_updates, ramped_decay
 from .metrics_log import BudgetBar, MetricsLog
 from .optim import learning_rate, optimizer_class
 from .policy import Policy
+from .prompt_sampling import PROMPT_SAMPLERS, category_of, informative_groups, sampling_metrics
 from .rollouts import Rollout, Rollouts
 from .scoring import RewardFailure, Scorer, rewards_by_category
 from .sharding import SHARDED_FOLDER, SHARDINGS, clip_grad_norm, load_sharded, save_sharded
@@ -90,6 +91,7 @@ class Trainer:
         self.advantage_fn = get_advantage(self.algorithm.advantages or config.reward.advantage)
         make_optimizer = optimizer_class(config.optim.optimizer)
         self.prompts = PromptSource.load(d.prompts)
+        self.prompt_sampler = PROMPT_SAMPLERS.get(d.prompt_sampling)(self.prompts, d)
         self.scorer = Scorer({name: get_reward(name, **config.reward.options.get(name, {})) for name in config.reward.weights}, config.reward, self.log)
         # An eval.metrics reward that is also a training reward built without options is that same instance: a reward model loads once.
         plain = {name: fn for name, fn in self.scorer.rewards.items() if not config.reward.options.get(name)}
@@ -106,7 +108,7 @@ class Trainer:
         self.collectives = Collectives(self.acc, self.layout)
         self.rollouts = Rollouts(self.policy, self.draws, r, d.group_size, d.micro_batch, self.algorithm.needs_trajectory,
                                  rollout_autocast(r.mixed_precision, self.acc),
-                                 self.count_forwards, lambda slot: self.prompts.for_step(config.run.seed, slot, self.layout.groups_per_step))
+                                 self.count_forwards, lambda slot: self.prompt_sampler.draw(config.run.seed, slot, self.layout.groups_per_step))
         self.counters = StepCounters()
         self.state = RunState.from_config(config.loss.kl_beta)
         self.metrics_log = MetricsLog(self.output, config, self.acc.is_main_process)
@@ -126,7 +128,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         step = self.counters.step
         start = time.perf_counter()
-        step_prompts = self.prompts.for_step(self.config.run.seed, step, self.layout.groups_per_step)
+        step_prompts = self.prompt_sampler.draw(self.config.run.seed, step, self.layout.groups_per_step)
         sample_ids = [i for ids in self.layout.local_samples() for i in ids]
         scoring = self.scorer.start()
         rollout = self.rollouts(step, step_prompts, sample_ids, on_chunk=scoring.submit)
@@ -149,6 +151,10 @@ class Trainer:
         self.counters.elapsed_seconds += elapsed
         metrics.update(reward_logs)
         metrics.update(rewards_by_category([p.metadata.get("category") for p in step_prompts], rewards, self.layout.group_size))
+        # The gathered rewards are the same on every process, so every process's sampler takes the same state.
+        categories, informative = [category_of(p) for p in step_prompts], informative_groups(rewards.view(-1, self.layout.group_size)).tolist()
+        metrics.update(sampling_metrics(categories, informative, self.prompt_sampler.weights()))
+        self.prompt_sampler.observe(categories, informative)
         metrics.update(
             {
                 "step": self.counters.step,
@@ -225,7 +231,7 @@ class Trainer:
         every process writes its shards into the main process's temporary folder, which the main process commits."""
         c, p = self.counters, self.policy
         state = {"step": c.step, "forward_equivalents": c.forward_equivalents, "elapsed_seconds": c.elapsed_seconds, "history": c.history,
-                 "config": self.config.to_dict(), "run_state": self.state.state_dict()}
+                 "config": self.config.to_dict(), "run_state": self.state.state_dict(), "prompt_sampler": self.prompt_sampler.state_dict()}
         main, keep = self.acc.is_main_process, self.config.run.keep_checkpoints
         path = None
         if self.sharding.sharded:
@@ -268,6 +274,7 @@ class Trainer:
         self.counters = StepCounters(state["step"], state["forward_equivalents"], state["elapsed_seconds"], state["history"])
         # Checkpoints written before RunState kept only the KL weights, at the top level.
         self.state.load_state_dict(state.get("run_state", {"kl_beta": state.get("kl_beta")}), log=self.log)
+        self.prompt_sampler.load_state_dict(state.get("prompt_sampler", {}))
         self.log(f"resumed from {path} at step {self.counters.step}")
         return True
 
@@ -287,9 +294,15 @@ class Trainer:
 
     def export_adapter(self, path: Path) -> None:
         """LoRA in diffusers' format, and with an evaluation EMA (eval.ema_decay) also its weights beside it as
-        ``<path>_ema`` (the reference code saves the EMA as its checkpoint). Every process calls it (sharded weights
-        are gathered); the main process writes."""
-        self.policy.export(path, write=self.acc.is_main_process)
+        ``<path>_ema`` (the reference code saves the EMA as its checkpoint), unless the EMA has had no update: it would
+        be the base model, so it is not written and a warning says why. Every process calls it (sharded weights are
+        gathered); the main process writes."""
+        e, steps = self.config.eval, self.counters.step
+        unmoved = self.policy.eval_ema is not None and eval_ema_updates(steps, e.ema_every) == 0
+        if unmoved and self.acc.is_main_process:
+            self.log(f"warning: {path.name}_ema/ not written: the evaluation EMA had no update in {steps} steps (eval.ema_every="
+                     f"{e.ema_every}), so it holds the base model; {path.name}/ holds the trained policy")
+        self.policy.export(path, write=self.acc.is_main_process, with_ema=not unmoved)
 
     def finished(self) -> bool:
         """run.max_steps reached, or run.max_seconds or run.max_forward_equivalents of training spent, or the guard stopped the run."""
@@ -307,8 +320,8 @@ class Trainer:
         previous = self._install_signal_handlers()
         r = self.config.run
         progress = self.algorithm.curves[0] if self.algorithm.curves else None
+        bar = BudgetBar(r, self.counters, disable=not self.acc.is_main_process)
         try:
-            bar = BudgetBar(r, self.counters, disable=not self.acc.is_main_process)
             while not self.finished():
                 try:
                     metrics = self.train_step()
@@ -327,8 +340,9 @@ class Trainer:
                 if self._stop_requested and not done:
                     self.log(f"stopped at step {self.counters.step}; resume with --resume")
                     return PREEMPTED_EXIT_CODE
-            bar.close()
         finally:
+            # Closed before an error propagates, so that the error's message prints below the bar, not under it.
+            bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.metrics_log.flush()

@@ -18,20 +18,22 @@ OptimizerFactory = Callable[[], type[torch.optim.Optimizer]]
 
 @dataclass(frozen=True)
 class Optimizer:
-    """A registered optimizer: its class's factory and whether it steps FSDP2's sharded (DTensor) parameters,
-    which ``model.sharding`` needs."""
+    """A registered optimizer: its class's factory, whether it steps FSDP2's sharded (DTensor) parameters, which
+    ``model.sharding`` needs, and the bytes of state it keeps per parameter (the memory estimate of ``dgpo check``)."""
 
     factory: OptimizerFactory
     takes_sharded_parameters: bool
+    state_bytes: float = 8
 
 
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 
 
-def register_optimizer(name: str, takes_sharded_parameters: bool = True) -> Callable[[OptimizerFactory], OptimizerFactory]:
-    """Register ``factory`` as ``optim.optimizer=name``; ``takes_sharded_parameters=False`` keeps it out of sharded runs."""
+def register_optimizer(name: str, takes_sharded_parameters: bool = True, state_bytes: float = 8) -> Callable[[OptimizerFactory], OptimizerFactory]:
+    """Register ``factory`` as ``optim.optimizer=name``; ``takes_sharded_parameters=False`` keeps it out of sharded runs;
+    ``state_bytes``: its state per parameter (AdamW: two float32 moments, 8)."""
     def decorator(factory: OptimizerFactory) -> OptimizerFactory:
-        OPTIMIZERS.register(name)(Optimizer(factory, takes_sharded_parameters))
+        OPTIMIZERS.register(name)(Optimizer(factory, takes_sharded_parameters, state_bytes))
         return factory
 
     return decorator
@@ -42,7 +44,7 @@ def adamw() -> type[torch.optim.Optimizer]:
     return torch.optim.AdamW
 
 
-@register_optimizer("adamw8bit", takes_sharded_parameters=False)
+@register_optimizer("adamw8bit", takes_sharded_parameters=False, state_bytes=2)
 def adamw8bit() -> type[torch.optim.Optimizer]:
     """bitsandbytes' AdamW8bit: the moments of tensors with 4096+ elements in 8 bits (block-wise quantised, state
     ``uint8``), smaller tensors' in 32 bits; a one-line error naming the install line when bitsandbytes is missing.

@@ -116,12 +116,12 @@ class Policy:
         with torch.no_grad(), self.reference():
             return self.model.velocity(x, sigma, embeddings)
 
-    def export(self, path: Path, write: bool = True) -> None:
+    def export(self, path: Path, write: bool = True, with_ema: bool = True) -> None:
         """LoRA in diffusers' format (``pipe.load_lora_weights`` / ``transformer.load_lora_adapter``), or the whole
-        transformer; with an evaluation EMA also its weights, beside it as ``<path>_ema``. Sharded, every process
-        calls it (the weights are gathered) and the one with ``write`` writes."""
+        transformer; with an evaluation EMA and ``with_ema`` also its weights, beside it as ``<path>_ema``. Sharded,
+        every process calls it (the weights are gathered) and the one with ``write`` writes."""
         self._export_weights(path, write)
-        if self.eval_ema is not None:
+        if self.eval_ema is not None and with_ema:
             with self.eval_ema.swapped_in():
                 self._export_weights(path.with_name(path.name + "_ema"), write)
 

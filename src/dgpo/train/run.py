@@ -27,6 +27,7 @@ from ..evaluators import (  # noqa: E402
 )
 from .algorithms import get_algorithm  # noqa: E402
 from .config import Config  # noqa: E402
+from .ema import eval_ema_updates  # noqa: E402
 from .loop import Trainer  # noqa: E402
 
 DRIFT_IMAGES = 64
@@ -50,9 +51,38 @@ def build_evaluator(trainer: Trainer, log=print) -> Evaluator | None:
     return get_evaluator(name).from_config(config, trainer.policy.model, rewards=trainer.scorer.rewards)
 
 
+def evaluated_model(config: Config, completed_steps: int) -> dict:
+    """Which weights an evaluation scores (an evals.json record's ``evaluated_model``): the policy, or with
+    eval.ema_decay > 0 its evaluation EMA, with how many updates the EMA has had (``eval_ema_updates``)."""
+    e = config.eval
+    if e.ema_decay <= 0:
+        return {"weights": "policy"}
+    return {"weights": "eval_ema", "ema_decay": e.ema_decay, "ema_every": e.ema_every, "ema_updates": eval_ema_updates(completed_steps, e.ema_every)}
+
+
+def describe_evaluated(model: dict | None) -> str:
+    """An ``evaluated_model`` record in words."""
+    if model is None:
+        return "not recorded"
+    if model["weights"] == "policy":
+        return "the policy"
+    return f"the evaluation EMA (eval.ema_decay {model['ema_decay']:g}, {model['ema_updates']} updates)"
+
+
+def unmoved_ema_warning(evaluation: dict) -> str | None:
+    """A warning line for an evaluation after step 0 of an evaluation EMA that has had no update: it still holds the
+    base model's weights, so the evaluation scores the untrained model (None when that is not the case)."""
+    model = evaluation.get("evaluated_model")
+    if evaluation["step"] == 0 or model is None or model["weights"] != "eval_ema" or model["ema_updates"]:
+        return None
+    return (f"warning: the evaluation at step {evaluation['step']} scored the evaluation EMA, which has had no update yet "
+            f"(eval.ema_every={model['ema_every']}: its first update is after step {max(1, model['ema_every'] - 1)}), so it scored "
+            "the base model; lower eval.ema_every, or set eval.ema_decay=0 to evaluate the policy")
+
+
 def evaluate(trainer: Trainer, evaluator: Evaluator, images_per_category: int, grid_path: Path | None = None) -> dict:
-    """The evaluator's scores for the evaluation EMA of the policy (or the policy itself), plus velocity drift
-    and the evaluation-only reward metrics (``eval.metrics``) on the same images."""
+    """The evaluator's scores for the evaluation EMA of the policy (or the policy itself: ``evaluated_model`` says
+    which), plus velocity drift and the evaluation-only reward metrics (``eval.metrics``) on the same images."""
     policy = trainer.policy
     swap = policy.eval_ema.swapped_in() if policy.eval_ema is not None else contextlib.nullcontext()
     with swap:
@@ -63,6 +93,7 @@ def evaluate(trainer: Trainer, evaluator: Evaluator, images_per_category: int, g
     if grid_path is not None and result.grid is not None:
         save_grid(result.grid.images, result.grid.labels, grid_path, passed=result.grid.passed)
     out = {"evaluator": evaluator.name, **result.to_dict()}
+    out["evaluated_model"] = evaluated_model(trainer.config, trainer.counters.step)
     out["velocity_drift"] = drift
     if trainer.eval_rewards:
         out["metrics"] = metric_means(trainer.eval_rewards, result)
@@ -84,6 +115,16 @@ def guard_metric_value(evaluation: dict, name: str) -> float:
     return metrics[name] if name in metrics else evaluation[name]
 
 
+def distinct_digits(a: float, b: float, least: int = 4) -> tuple[str, str]:
+    """``a`` and ``b`` with the fewest significant digits, at least ``least``, that tell them apart (17 tell any
+    two doubles apart), so that a printed change never reads as no change."""
+    for digits in range(least, 18):
+        shown = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if shown[0] != shown[1]:
+            break
+    return shown
+
+
 def guard_tripped(before: dict, now: dict, name: str, max_drop: float, lower_is_better: frozenset[str] = LOWER_IS_BETTER) -> bool:
     """True when metric ``name`` is worse than at step 0 by more than ``max_drop`` of its step-0 value."""
     start, current = guard_metric_value(before, name), guard_metric_value(now, name)
@@ -101,14 +142,18 @@ def apply_guard(trainer: Trainer, before: dict, now: dict, log, lower_is_better:
         lower_is_better = cls.lower_is_better if cls is not None else LOWER_IS_BETTER
     if not e.guard_metric or not guard_tripped(before, now, e.guard_metric, e.guard_max_drop, lower_is_better):
         return
-    value = guard_metric_value(now, e.guard_metric)
-    message = f"guard: {e.guard_metric} went from {guard_metric_value(before, e.guard_metric):.4g} to {value:.4g} at step {trainer.counters.step}"
-    if e.guard_action == "stop":
+    start, value = distinct_digits(guard_metric_value(before, e.guard_metric), guard_metric_value(now, e.guard_metric))
+    message = (f"guard: {e.guard_metric} went from {start} at step 0 to {value} at step {trainer.counters.step} "
+               f"(eval.guard_max_drop {e.guard_max_drop:g})")
+    if e.guard_action == "stop" and trainer.finished():
+        message += "; the run has ended already"  # the final evaluation: there is nothing left to stop
+    elif e.guard_action == "stop":
         trainer.state.guard_stopped = True
-        log(f"{message}; stopping the run")
+        message += "; stopping the run"
     else:
-        log(f"{message}; loss.kl_beta raised to {trainer.state.raise_kl():g}")
-    now["guard"] = {"metric": e.guard_metric, "action": e.guard_action, "kl_beta": trainer.state.kl_beta}
+        message += f"; loss.kl_beta raised to {trainer.state.raise_kl():g}"
+    log(message)
+    now["guard"] = {"metric": e.guard_metric, "action": e.guard_action, "kl_beta": trainer.state.kl_beta, "message": message}
 
 
 def plot_curves(history: list[dict], evals: list[dict], path: Path, algorithm: str = "dgpo") -> None:
@@ -202,7 +247,11 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
         evals.append(result)
         if main:
             evals_path.write_text(json.dumps(evals, indent=1))
-        quiet(f"{evaluator.title.split(' (')[0]} at step {trainer.counters.step}: overall {result['overall']:.3f}")
+        quiet(f"{evaluator.title.split(' (')[0]} at step {c.step}: overall {result['overall']:.3f} "
+              f"({describe_evaluated(result['evaluated_model'])})")
+        warning = unmoved_ema_warning(result)
+        if warning:
+            quiet(warning)
         return result
 
     if not any(e["step"] == 0 for e in evals):
@@ -211,7 +260,7 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
 
     def periodic(tr: Trainer, metrics: dict) -> None:
         if every and tr.counters.step % every == 0 and not tr.finished():
-            run_eval(config.eval.images_per_category, f"step{tr.counters.step:05d}")
+            run_eval(config.eval.images_per_category, periodic_tag(tr.counters.step))
             tr.share_run_state()
 
     status = trainer.train(resume=resume, on_step=periodic)
@@ -220,7 +269,17 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
         log(f"\nthe run stopped at step {trainer.counters.step} with status {status}; its checkpoints are in {out} "
             "(continue with --resume)")
         return summary
-    after = run_eval(config.eval.final_images_per_category, "after")
+    # Before the final evaluation, whose guard check (if it trips) stops nothing.
+    stopped_by_guard = trainer.state.guard_stopped
+    last = evals[-1] if evals else None
+    if stopped_by_guard and last is not None and last["step"] == trainer.counters.step:
+        # The guard stopped the run at this evaluation: it is the run's last, not repeated at the same step.
+        after = last
+        stop_grid = out / f"grid_{periodic_tag(last['step'])}.png"
+        if main and stop_grid.is_file():
+            shutil.copyfile(stop_grid, out / "grid_after.png")
+    else:
+        after = run_eval(config.eval.final_images_per_category, "after")
     trainer.export_adapter(out / "adapter")
     if main:
         before = next((e for e in evals if e["step"] == 0), None)
@@ -231,6 +290,8 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
             wall_clock_seconds=trainer.counters.elapsed_seconds,
             optimizer_steps=trainer.counters.step,
             forward_equivalents=trainer.counters.forward_equivalents,
+            guard_stopped=stopped_by_guard,
+            guard=[e["guard"]["message"] for e in evals if "message" in e.get("guard", {})],
             config=config.to_dict(),
         )
         (out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -238,6 +299,27 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
         log("\n" + run_summary(out, summary, evaluator is not None))
     trainer.acc.wait_for_everyone()
     return summary
+
+
+def periodic_tag(step: int) -> str:
+    """The name of a periodic evaluation's grid, grid_<tag>.png."""
+    return f"step{step:05d}"
+
+
+def run_notes(summary: dict) -> list[str]:
+    """What the before -> after table does not say: which model each evaluation scored, an evaluation EMA that had
+    not moved by the end, and what the reward-hacking guard did."""
+    lines = []
+    before, after = summary.get("before"), summary.get("after")
+    if before and after:
+        lines.append(f"evaluated: before (step {before['step']}) {describe_evaluated(before.get('evaluated_model'))}; "
+                     f"after (step {after['step']}) {describe_evaluated(after.get('evaluated_model'))}")
+        lines += [w for w in [unmoved_ema_warning(after)] if w]
+    lines += summary.get("guard", [])
+    if summary.get("guard_stopped"):
+        lines.append(f"the reward-hacking guard (eval.guard_metric) stopped the run at step {summary['optimizer_steps']} "
+                     f"(run.max_steps {summary['config']['run']['max_steps']})")
+    return lines
 
 
 def run_summary(out: Path, summary: dict, evaluated: bool) -> str:
@@ -248,6 +330,8 @@ def run_summary(out: Path, summary: dict, evaluated: bool) -> str:
         lines += ["", f"{cls.title if cls else 'evaluation'}, before -> after", "", comparison_table(summary["before"], summary["after"]), ""]
     elif not evaluated:
         lines.append("evaluation: off (set eval.prompts to a held-out prompt file to evaluate before and after)")
+    notes = run_notes(summary)
+    lines += notes + ([""] if notes else [])
     lines += [f"report:  {out / 'report.md'}", f"adapter: {out / 'adapter'}", f"curves:  {out / 'curves.png'}"]
     return "\n".join(lines)
 
@@ -263,6 +347,8 @@ def write_report(out: Path, config: Config, summary: dict) -> None:
     if summary.get("before") and summary.get("after"):
         cls = evaluator_of(summary["after"])
         lines += [f"## {cls.title if cls else 'Evaluation'}", "", comparison_table(summary["before"], summary["after"]), ""]
+    for note in run_notes(summary):
+        lines += [note, ""]
     lines += ["## Curves", "", "![curves](curves.png)", ""]
     grids = [(tag, f"grid_{tag}.png") for tag in ("before", "after") if (out / f"grid_{tag}.png").is_file()]
     if grids:

@@ -56,6 +56,15 @@ class DataConfig(Freezable):
     groups_per_step: int = _help("prompts (groups) per optimizer step, over all processes", default=8)
     micro_batch: int = _help("images per forward/backward per process; processes x micro_batch must hold whole groups", default=24)
     text_dropout: float = _help("probability of training on the empty prompt (paper: 0.05)", default=0.05)
+    prompt_sampling: str = _help("how a step draws its prompts (registered, dgpo.train.prompt_sampling): uniform (shuffled passes over the "
+                                 "prompts) or preference (more often from the prompt categories whose recent groups had unequal rewards; "
+                                 "docs/prompt-sampling.md)", default="uniform")
+    prompt_sampling_floor: float = _help("preference: the share of draws kept uniform, so every category gets at least this fraction of "
+                                         "its uniform share (0 < floor <= 1; 1 = uniform)", default=0.1)
+    prompt_sampling_decay: float = _help("preference: decay per group of a category's moving share of groups with unequal rewards "
+                                         "(0.95: about its last 20 groups)", default=0.95)
+    prompt_sampling_prior: float = _help("preference: the share of groups with unequal rewards assumed for a category before its first "
+                                         "group (1: try every category early)", default=1.0)
 
 
 @dataclass
@@ -165,7 +174,8 @@ class EvalConfig(Freezable):
                                            "images_per_category)", default=96)
     ema_decay: float = _help("decay of the evaluation EMA of the policy (0 = evaluate the raw policy; reference code 0.9). After n steps "
                              "it updates with decay min(ema_decay, (1 + n) / (10 + n)), as the reference's EMA warms up; it is "
-                             "evaluated, checkpointed and exported beside the adapter (adapter_ema/)", default=0.0)
+                             "evaluated, checkpointed and exported beside the adapter (adapter_ema/; not written while it has had no "
+                             "update, being the base model then)", default=0.0)
     ema_every: int = _help("update the evaluation EMA after every N-th optimizer step (when (n + 1) % N == 0; reference code 8)", default=1)
     metrics: list[str] = _help("registered rewards scored on the evaluation images as evaluation-only metrics (never trained on)", default_factory=list)
     guard_metric: str = _help("reward-hacking guard: an out-of-domain metric watched at each evaluation "
