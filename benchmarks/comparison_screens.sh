@@ -4,7 +4,7 @@
 # solver, CFG 4.5, whatever the recipe rolls out with). The best screen of each method by confirmed score enters the
 # measured arms. Writes $OUTPUT (default results/comparison/screens; its runs/ subfolder holds the runs, keep it
 # outside the repository with OUTPUT=... for long work). --reuse keeps finished screens, so an interrupted set resumes
-# at the screen it was in. THREADS (default 2) sets the torch threads of each run.
+# at the screen it was in, from its last checkpoint (every 25 steps). THREADS (default 2) sets the torch threads of each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTPUT=${OUTPUT:-results/comparison/screens}
@@ -18,5 +18,5 @@ dgpo compare \
   flow_grpo_half_lr=$S/flow_grpo_half_lr.yaml \
   "$@" \
   --output "$OUTPUT" --budget-steps 150 --eval-every 25 --eval-images 48 --final-eval-images 96 \
-  --threshold 0.75 --threshold 0.8 --threshold 0.85 --confirm 1 --baseline flow_grpo \
+  --threshold 0.75 --threshold 0.8 --threshold 0.85 --confirm 1 --baseline flow_grpo --save-every 25 \
   --set eval.guidance_scale=4.5 --set run.threads=${THREADS:-2} --reuse

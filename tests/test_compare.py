@@ -124,6 +124,28 @@ def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert finished.stat().st_mtime_ns != written
 
 
+def test_compare_reuse_resumes_an_interrupted_run_where_its_last_checkpoint_left_it(tiny_model_dir, tmp_path, capsys):
+    recipe = tiny_dgpo_recipe(tiny_model_dir, tmp_path)
+    out = tmp_path / "resume"
+    argv = ["compare", f"dgpo={recipe}", "--output", str(out), "--budget-steps", "3", "--eval-every", "1",
+            "--eval-images", "1", "--threshold", "0.0", "--save-every", "1", "--reuse"]
+    assert main(argv) == 0
+    whole = list(csv.DictReader((out / "curves.csv").read_text().splitlines()))
+    # Killed after step 3 was evaluated but before its checkpoint and the final evaluation were written.
+    run = out / "runs" / "dgpo" / "seed-0"
+    (run / "results.json").unlink()
+    shutil.rmtree(sorted((run / "checkpoints").iterdir())[-1])
+    evals = json.loads((run / "evals.json").read_text())
+    (run / "evals.json").write_text(json.dumps([e for e in evals if e["step"] <= 3][:4]))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "dgpo seed 0: resuming" in capsys.readouterr().out
+    resumed = list(csv.DictReader((out / "curves.csv").read_text().splitlines()))
+    # Step 3 and the final evaluation are redone, once each, and match the uninterrupted run's.
+    assert [int(r["step"]) for r in resumed] == [int(r["step"]) for r in whole] == [0, 1, 2, 3]
+    assert [(r["overall"], r["forward_equivalents"]) for r in resumed] == [(r["overall"], r["forward_equivalents"]) for r in whole]
+
+
 def test_compare_forward_budget_stops_a_recipe_at_the_step_that_spends_it(tiny_model_dir, tmp_path):
     recipe = tiny_dgpo_recipe(tiny_model_dir, tmp_path)
     argv = ["compare", f"dgpo={recipe}", "--budget-steps", "5", "--eval-every", "1", "--eval-images", "1"]

@@ -84,7 +84,7 @@ def cmd_compare(args) -> int:
 
     recipes = [parse_recipe(text) for text in args.recipes]
     budget = Budget(args.budget_steps, args.budget_seconds, args.budget_forwards, args.eval_every, args.eval_images, args.seeds,
-                    args.final_eval_images)
+                    args.final_eval_images, args.save_every)
     summary = run_comparison(recipes, Path(args.output), budget, args.threshold, args.set or [], args.baseline, args.reuse,
                              confirmations=args.confirm)
     print(markdown_summary(summary))
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=int, default=24, help="test images per category per evaluation (default: 24)")
     p.add_argument("--final-eval-images", type=int, default=0,
                    help="test images per category at the last evaluation (default: as --eval-images)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint each run every N steps, so that --reuse resumes an interrupted run there (default: 0, "
+                        "a checkpoint only when a run is stopped by a signal)")
     p.add_argument("--confirm", type=int, default=1,
                    help="a threshold counts as reached at an evaluation only if the next N evaluations reach it too, so one "
                         "lucky evaluation does not count (default: 1; 0 takes the first evaluation reaching it)")

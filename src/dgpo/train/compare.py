@@ -26,12 +26,14 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
 from ..evaluators import NONE, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
+from .checkpoint import latest_good_checkpoint  # noqa: E402
 from .config import load_config  # noqa: E402
 from .run import run_training  # noqa: E402
 
@@ -45,6 +47,7 @@ class Budget:
     eval_images_per_category: int = 24
     seeds: int = 1
     final_eval_images_per_category: int = 0  # 0: as eval_images_per_category
+    save_every: int = 0  # checkpoint every N steps (0: only when stopped), so that --reuse resumes an interrupted run
 
     @property
     def final_images(self) -> int:
@@ -81,18 +84,25 @@ def default_thresholds(evaluators: list[str]) -> list[float]:
     return thresholds
 
 
+# Where and how often a run is written and logged: not part of what it trains.
+BOOKKEEPING_FIELDS = ("output_dir", "save_every", "keep_checkpoints", "tensorboard", "wandb_project")
+
+
 def same_training(saved: dict, config: dict) -> bool:
-    """Whether a finished run's saved config trains as ``config`` does: equal in every field but where the run was
-    written (run.output_dir), so runs moved into a results folder, or made elsewhere, are reused."""
-    def placed_anywhere(c: dict) -> dict:
+    """Whether a run's saved config trains as ``config`` does: equal in every field but the run's bookkeeping (where
+    it was written, how often it checkpointed, its loggers), so runs moved into a results folder, or made elsewhere,
+    are reused or resumed."""
+    def training_fields(c: dict) -> dict:
         c = json.loads(json.dumps(c))
-        c.get("run", {}).pop("output_dir", None)
+        for name in BOOKKEEPING_FIELDS:
+            c.get("run", {}).pop(name, None)
         return c
-    return placed_anywhere(saved) == placed_anywhere(config)
+    return training_fields(saved) == training_fields(config)
 
 
 def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides: list[str], reuse: bool, seed: int = 0, log=print) -> list[dict]:
-    """Train one recipe with one training seed under the shared protocol (or reuse a finished run); returns its evaluations."""
+    """Train one recipe with one training seed under the shared protocol; returns its evaluations. With ``reuse`` a
+    finished run of the same training is reused, and an unfinished one with a checkpoint is resumed from it."""
     run_dir = output / "runs" / name / f"seed-{seed}"
     protocol = [
         f"run.output_dir={run_dir}",
@@ -103,7 +113,7 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
         f"eval.every={budget.eval_every}",
         f"eval.images_per_category={budget.eval_images_per_category}",
         f"eval.final_images_per_category={budget.final_images}",
-        "run.save_every=0",
+        f"run.save_every={budget.save_every}",
     ]
     config = load_config(recipe, [*overrides, *protocol])
     finished = run_dir / "results.json"
@@ -112,8 +122,11 @@ def run_recipe(name: str, recipe: Path, output: Path, budget: Budget, overrides:
     else:
         limits = [f"{budget.steps} steps"] + ([f"{budget.seconds:.0f} s"] if budget.seconds else [])
         limits += [f"{budget.forwards:.3g} forwards"] if budget.forwards else []
-        log(f"{name} seed {seed}: training {recipe} (budget {', '.join(limits)})")
-        summary = run_training(config, overwrite=True, log=log)
+        started = run_dir / "config.yaml"
+        resume = (reuse and started.exists() and latest_good_checkpoint(run_dir / "checkpoints", warn=log) is not None
+                  and same_training(yaml.safe_load(started.read_text()), config.to_dict()))
+        log(f"{name} seed {seed}: {'resuming' if resume else 'training'} {recipe} (budget {', '.join(limits)})")
+        summary = run_training(config, resume=resume, overwrite=not resume, log=log)
         if summary["status"] != 0:
             raise UserError(f"recipe {name} (seed {seed}) stopped early with status {summary['status']}")
     return json.loads((run_dir / "evals.json").read_text())

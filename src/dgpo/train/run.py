@@ -244,6 +244,8 @@ def run_training(config: Config, resume: bool = False, overwrite: bool = False, 
         before = next((e for e in evals if e["step"] == 0), None)
         if before is not None:
             apply_guard(trainer, before, result, quiet, evaluator.lower_is_better)
+        # A run killed after an evaluation resumes from an earlier checkpoint: what it evaluated beyond it is redone.
+        evals[:] = [e for e in evals if e["step"] < c.step or e["step"] == 0]
         evals.append(result)
         if main:
             evals_path.write_text(json.dumps(evals, indent=1))
