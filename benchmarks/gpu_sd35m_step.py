@@ -102,7 +102,7 @@ def build_trainer(args, workdir: Path, extra: dict | None = None) -> Trainer:
         "run.max_steps": args.repeats + 1, "run.output_dir": str(workdir / "run"), "run.tensorboard": False,
     }
     if args.tiny:
-        from dgpo.models.shapes import build_tiny_model
+        from dgpo.shapes.model import build_tiny_model
 
         build_tiny_model().save_pretrained(workdir / "model")
         overrides.update({"model.path": str(workdir / "model"), "rollout.num_steps": 2, "loss.grid_points": 2, "run.threads": 1, **(extra or {})})

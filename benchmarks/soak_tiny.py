@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dgpo.models.shapes import build_tiny_model
+from dgpo.shapes.model import build_tiny_model
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
 

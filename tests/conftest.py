@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dgpo.models.shapes import build_tiny_model
+from dgpo.shapes.model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -1,51 +1,17 @@
-"""Evaluators are a registry: periodic evaluation, the guard and the report go through the interface, and the
-general modules reach ShapesEval (dgpo.shapes) only through the registry hook."""
+"""Evaluators are a registry: periodic evaluation, the guard and the report go through the interface (how the
+general modules reach ShapesEval only through the plugin registrations: tests/test_plugins.py)."""
 from __future__ import annotations
 
-import ast
 import json
-from pathlib import Path
 
 import numpy as np
 from test_train import tiny_overrides
 
 from dgpo.evaluation import generate
 from dgpo.evaluators import EVALUATORS, EvalResult, Evaluator, GridSelection, register_evaluator, resolve_evaluator
-from dgpo.registry import PLUGINS
 from dgpo.train.config import load_config
 from dgpo.train.data import PROMPT_SOURCES, Prompt, PromptSource, register_prompt_source
 from dgpo.train.run import comparison_table, run_training
-
-SRC = Path(__file__).resolve().parents[1] / "src" / "dgpo"
-GENERAL = [*sorted((SRC / "train").glob("*.py")), SRC / "cli.py", SRC / "evaluation.py", SRC / "evaluators.py",
-           SRC / "rollout.py", SRC / "sampling.py", SRC / "losses.py", SRC / "registry.py"]
-
-
-def _shapes_imports(path: Path, module_level_only: bool) -> list[str]:
-    """Imports of dgpo.shapes in a module (relative ones resolved), at module level or anywhere."""
-    tree = ast.parse(path.read_text())
-    nodes = tree.body if module_level_only else list(ast.walk(tree))
-    found = []
-    for node in nodes:
-        if isinstance(node, ast.ImportFrom):
-            base = ("." * node.level) + (node.module or "")
-            names = [f"{base}.{a.name}" for a in node.names]
-            if any(".shapes" in n.replace("..", ".") and "models.shapes" not in n for n in [base, *names]):
-                found.append(f"{path.name}:{node.lineno} from {base}")
-        elif isinstance(node, ast.Import):
-            found += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names if a.name.startswith("dgpo.shapes")]
-    return found
-
-
-def test_general_modules_reach_shapes_only_through_the_registry_hook():
-    offenders = [hit for path in GENERAL for hit in _shapes_imports(path, module_level_only=True)]
-    assert not offenders, f"module-level imports of dgpo.shapes in general modules: {offenders}"
-    # not even inside functions, except the ShapesEval-only `dgpo pretrain-shapes` command in the CLI
-    deep = [hit for path in GENERAL if path.name != "cli.py" for hit in _shapes_imports(path, module_level_only=False)]
-    assert not deep, deep
-    assert "dgpo.shapes.plugin" in PLUGINS
-    # the registries list ShapesEval's parts without the user importing anything
-    assert "shapes" in EVALUATORS and {"shapes:train", "shapes:test"} <= set(PROMPT_SOURCES.names())
 
 
 def test_evaluator_choice_follows_the_backend_and_can_be_turned_off():

@@ -173,7 +173,7 @@ def test_eval_ema_schedule_is_the_reference_wrappers():
 
 
 def test_eval_ema_updates_on_its_schedule_and_is_exported_beside_the_adapter(tiny_model_dir, tmp_path):
-    from dgpo.models.shapes import ShapesModel
+    from dgpo.shapes.model import ShapesModel
 
     overrides = {"run.max_steps": 6, "run.save_every": 0, "eval.ema_decay": 0.9, "eval.ema_every": 3}
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), **QUIET)

@@ -5,8 +5,8 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from dgpo.models.lora_fold import lora_folded
-from dgpo.models.shapes import build_tiny_model
 from dgpo.rollout import SamplerSettings, sample
+from dgpo.shapes.model import build_tiny_model
 
 
 def lora_model():

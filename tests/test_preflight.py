@@ -10,10 +10,10 @@ from test_diffusers_backends import build_sd3, save_tiny
 
 from dgpo.cli import main
 from dgpo.models import describe_model
-from dgpo.models.shapes import ShapesModel
 from dgpo.preflight import CHECKS, MemoryEstimate, estimate_memory, lora_parameters, register_check
 from dgpo.requirements import Package, Setting
 from dgpo.rewards import REWARDS, register_reward
+from dgpo.shapes.model import ShapesModel
 from dgpo.train.config import load_config
 from dgpo.train.policy import attach_trainable
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dgpo.models.shapes import (
+from dgpo.shapes.captions import EXACT_CAPTIONS, CaptionModel, caption_scene
+from dgpo.shapes.model import (
     LEGACY_SPECIAL_TOKENS,
     ShapesModel,
     WordTokenizer,
@@ -18,7 +19,6 @@ from dgpo.models.shapes import (
     with_extra_layers,
     with_text_width,
 )
-from dgpo.shapes.captions import EXACT_CAPTIONS, CaptionModel, caption_scene
 from dgpo.shapes.pretrain import PretrainConfig, build_pool, pretrain, snapshot
 from dgpo.shapes.prompts import PromptSpec, all_specs, scene_for_spec, vocabulary
 from dgpo.shapes.verifier import verify
@@ -163,7 +163,7 @@ def test_bidirectional_encoder_ignores_padding_and_survives_save_and_load(tmp_pa
     assert torch.allclose(hidden[0, :8], padded_hidden[0, :8], atol=1e-6) and torch.allclose(pooled, padded_pooled, atol=1e-6)
     assert torch.equal(pooled[0], hidden[0, int((ids[0] == tokenizer.eos_id).nonzero())])
     encoder.save_pretrained(tmp_path)
-    from dgpo.models.shapes import load_text_encoder
+    from dgpo.shapes.model import load_text_encoder
 
     assert torch.equal(bidirectional_features(load_text_encoder(tmp_path), ids, tokenizer)[0], hidden)
     # Built, not trained: a second build (after other random draws) is the same weights, so the shipped file is reproducible.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dgpo.models.shapes import bidirectional_text_encoder, build_tiny_model
+from dgpo.shapes.model import bidirectional_text_encoder, build_tiny_model
 
 PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "probes" / "text_features.py"
 

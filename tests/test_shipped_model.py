@@ -5,7 +5,7 @@ import torch
 
 from dgpo.evaluation import SamplerSettings, generate
 from dgpo.models import load_model
-from dgpo.models.shapes import SHIPPED_MODEL
+from dgpo.shapes.model import SHIPPED_MODEL
 from dgpo.shapes.prompts import all_specs
 from dgpo.shapes.verifier import verify
 

@@ -169,7 +169,7 @@ def test_forward_budget_stops_at_the_first_step_that_spends_it(tiny_model_dir, t
 
 
 def test_exported_adapter_loads_into_a_fresh_model_and_changes_its_output(tiny_model_dir, tmp_path):
-    from dgpo.models.shapes import ShapesModel
+    from dgpo.shapes.model import ShapesModel
 
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 1})))
     trainer.train()

@@ -1,4 +1,4 @@
-"""`dgpo` command line: train, check, eval, sample, pretrain-shapes, rewards, prompts, serve-reward, merge-lora.
+"""`dgpo` command line: train, check, eval, sample, rewards, prompts, serve-reward, merge-lora, and the commands plugins register.
 
 Errors a user can fix (config typos, missing files, bad prompts, corrupt checkpoints, a missing
 package or server: ``dgpo.errors.UserError``, ``ValueError``, ``FileNotFoundError``) are printed as
@@ -8,7 +8,6 @@ keeps its traceback and Python's exit status 1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import logging
@@ -17,7 +16,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import registry
+from .commands import COMMANDS, key_value
 from .errors import UserError
+from .train.sections import ModelConfig
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -28,8 +30,10 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="shapes", help="model backend: shapes (default), sd3, flux, sana or one a plugin registers")
-    p.add_argument("--model", default="", help="model directory (a diffusers pipeline for sd3/flux/sana; default for shapes: the shipped base model)")
+    from .models import BACKENDS
+
+    p.add_argument("--backend", default=ModelConfig.backend, help=f"model backend: {', '.join(BACKENDS.names())} (default: {ModelConfig.backend})")
+    p.add_argument("--model", default="", help="model directory (a diffusers pipeline for sd3/flux/sana; default: the model the backend ships, if any)")
     p.add_argument("--adapter", default=None, help="LoRA adapter written by `dgpo train`: run_dir/adapter, the run directory or the weights file")
     p.add_argument("--resolution", type=int, default=0, help="image size in pixels (default 0: the model's native size)")
     p.add_argument("--batch-size", type=int, default=8, help="images generated at once (default: 8)")
@@ -175,27 +179,6 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_pretrain(args) -> int:
-    from .shapes.captions import CaptionModel
-    from .shapes.pretrain import PretrainConfig, pretrain, snapshot
-
-    if args.snapshot:
-        snapshot(args.output, args.snapshot)
-        return 0
-
-    known = {f.name for f in dataclasses.fields(CaptionModel)}
-    unknown = sorted(set(dict(args.caption or [])) - known)
-    if unknown:
-        raise ValueError(f"unknown caption option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    cfg = PretrainConfig(
-        output=args.output, vae_steps=args.vae_steps, dit_steps=args.dit_steps, seed=args.seed, continue_from=args.continue_from,
-        add_layers=args.add_layers, text_encoder=args.text_encoder, captions=CaptionModel(**dict(args.caption or [])), save_every=args.save_every,
-        resume=args.resume,
-    )
-    pretrain(cfg)
-    return 0
-
-
 def cmd_rewards(args) -> int:
     from .rewards import REWARDS
 
@@ -216,20 +199,9 @@ def cmd_prompts(args) -> int:
     return 0
 
 
-def _option(text: str) -> tuple[str, object]:
-    """KEY=VALUE for a reward factory; VALUE is parsed as JSON when it is JSON (numbers, booleans)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def _reward_option(text: str) -> tuple[str, str, object]:
-    """REWARD.KEY=VALUE: ``_option``'s KEY=VALUE with the reward's name before the key."""
-    key, value = _option(text)
+    """REWARD.KEY=VALUE: ``key_value``'s KEY=VALUE with the reward's name before the key."""
+    key, value = key_value(text)
     reward, sep, name = key.partition(".")
     if not sep or not reward or not name:
         raise argparse.ArgumentTypeError(f"expected REWARD.KEY=VALUE, got {text!r}")
@@ -307,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm", type=int, default=1,
                    help="a threshold counts as reached at an evaluation only if the next N evaluations reach it too, so one "
                         "lucky evaluation does not count (default: 1; 0 takes the first evaluation reaching it)")
-    p.add_argument("--threshold", type=float, action="append", help="overall scores to time (repeatable; default: the evaluator's own, ShapesEval 0.7 and 0.8)")
+    p.add_argument("--threshold", type=float, action="append", help="overall scores to time (repeatable; default: the evaluator's own default_thresholds)")
     p.add_argument("--baseline", help="recipe the ratios are relative to (default: the first)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override applied to every recipe (repeatable)")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in OUTPUT/runs whose config matches")
@@ -318,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval", help="evaluate a model (plus optional LoRA adapter)",
-        description="Evaluate a model (plus optional LoRA adapter): a ShapesEval model on the ShapesEval test prompts, or "
+        description="Evaluate a model (plus optional LoRA adapter) with its backend's own evaluator, or "
                     "any backend on a held-out prompt file scored with registered rewards (--prompts FILE --metrics R1,R2).",
     )
     _add_model_args(p)
@@ -335,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--grid", help="write an image grid PNG here")
     p.add_argument("--evaluator", default="",
-                   help="registered evaluator (dgpo.evaluators; default: the backend's own, shapes for shapes, else prompts with --prompts)")
+                   help="registered evaluator (dgpo.evaluators; default: the one registered for the backend, else prompts with --prompts)")
     _add_sampler_args(p)
     _add_import_arg(p)
     p.set_defaults(fn=cmd_eval)
@@ -349,31 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(p)
     _add_import_arg(p)
     p.set_defaults(fn=cmd_sample)
-
-    p = sub.add_parser("pretrain-shapes", help="pretrain the ShapesEval base model from scratch (deterministic)")
-    p.add_argument("--output", default="src/dgpo/assets/shapes-base")
-    p.add_argument("--vae-steps", type=int, default=2500)
-    p.add_argument("--dit-steps", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--continue-from", default="", help="train the denoiser of this saved model further (skips the autoencoder)")
-    p.add_argument(
-        "--add-layers", type=int, default=0, metavar="N",
-        help="with --continue-from: grow the denoiser by N joint blocks before its last one, each starting as the identity (default: 0)",
-    )
-    p.add_argument(
-        "--text-encoder", default="bidirectional",
-        help="bidirectional: a fixed T5 encoder whose tokens state their word, the word before and the words on either side; "
-        "orthogonal: a fixed causal CLIP encoder whose words and positions are distinct (each replaces a continued model's); "
-        "trained: a CLIP text encoder trained with the denoiser, as the first base model had (default: bidirectional)",
-    )
-    p.add_argument(
-        "--caption", action="append", type=_option, metavar="NAME=P",
-        help="a caption-model probability (dgpo.shapes.captions.CaptionModel), e.g. swap_relation=0.3; repeatable",
-    )
-    p.add_argument("--save-every", type=int, default=250, help="denoiser steps between checkpoints in OUTPUT/checkpoints (default: 250)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted pretraining from its newest checkpoint in --output")
-    p.add_argument("--snapshot", default="", metavar="DIR", help="save the EMA model of the newest checkpoint of the pretraining in --output to DIR, and exit")
-    p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("rewards", help="list the registered rewards")
     _add_import_arg(p)
@@ -395,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; the server has no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument(
-        "--option", action="append", type=_option, metavar="KEY=VALUE", help="reward factory option (repeatable), e.g. --option model=/weights/pickscore"
+        "--option", action="append", type=key_value, metavar="KEY=VALUE", help="reward factory option (repeatable), e.g. --option model=/weights/pickscore"
     )
     _add_import_arg(p)
     p.set_defaults(fn=cmd_serve_reward)
@@ -410,20 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="precision of the saved weights; the fusion itself is done in float32 (default: float32)")
     p.set_defaults(fn=cmd_merge_lora)
+
+    for name in COMMANDS.names():  # the plugins' commands
+        command = COMMANDS.get(name)
+        p = sub.add_parser(name, help=command.help)
+        command.add_arguments(p)
+        p.set_defaults(fn=command.run)
     return parser
 
 
-PLUGIN_GROUP = "dgpo.plugins"
-
-
 def load_plugins(modules: list[str]) -> None:
-    """Import the installed ``dgpo.plugins`` entry points and the ``--import`` modules: importing one runs its
-    ``register_reward`` / ``register_algorithm`` / ``register_model`` calls. Modules are found on sys.path and in
-    the current directory."""
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group=PLUGIN_GROUP):
-        entry.load()
+    """Load the installed ``dgpo.plugins`` entry points (``dgpo.registry.load_plugins``) and import the ``--import``
+    modules: importing one runs its ``register_reward`` / ``register_algorithm`` / ``register_backend`` calls.
+    Modules are found on sys.path and in the current directory."""
+    registry.load_plugins()
     if modules and "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for name in modules:

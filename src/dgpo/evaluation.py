@@ -1,11 +1,10 @@
 """Deterministic generation, velocity drift and grids shared by `dgpo eval`, evaluators, periodic evaluation in training
-and benchmarks. ShapesEval's scoring lives in ``dgpo.shapes.evaluator`` (``shapes_eval`` here is an alias)."""
+and benchmarks. The evaluators themselves (what a run scores) are in ``dgpo.evaluators``."""
 from __future__ import annotations
 
 import math
 import textwrap
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -102,16 +101,3 @@ def save_grid(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
-
-def result_dict(result) -> dict:
-    """The JSON form of an evaluation result (an ``EvalResult`` or a dataclass such as ``ShapesEvalResult``)."""
-    return result.to_dict() if hasattr(result, "to_dict") else asdict(result)
-
-
-def __getattr__(name: str):
-    """``shapes_eval`` and ``ShapesEvalResult``: aliases of ``dgpo.shapes.evaluator``'s, imported on first use."""
-    if name in ("shapes_eval", "ShapesEvalResult"):
-        import importlib
-
-        return getattr(importlib.import_module("dgpo.shapes.evaluator"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,10 +8,10 @@ guard), the images with their prompts and metadata (``eval.metrics`` rewards sco
 drift uses them) and a grid selection for the report.
 
 ``eval.evaluator`` picks one; empty picks the evaluator registered as the default for
-``model.backend`` (``shapes`` for the ShapesEval backend), else the prompt-set evaluator (``prompts``,
-``dgpo.prompt_set``) when ``eval.prompts`` names a held-out prompt file, else none (no evaluation). Evaluators
-that ship with dgpo register themselves from the plugin modules in :data:`dgpo.registry.PLUGINS`,
-loaded on the registry's first lookup, so general code never imports them.
+``model.backend`` (``register_evaluator(name, default_for=(backend,))``), else the prompt-set evaluator
+(``prompts``, ``dgpo.prompt_set``) when ``eval.prompts`` names a held-out prompt file, else none (no evaluation).
+Evaluators register themselves from the plugin modules (``dgpo.registry.load_plugins``), loaded on the
+registry's first lookup, so general code never imports them.
 """
 from __future__ import annotations
 
@@ -146,10 +146,12 @@ def metric_means(rewards: dict, result: EvalResult) -> dict[str, float]:
 
 
 def evaluator_of(entry: dict) -> type[Evaluator] | None:
-    """The evaluator class that wrote an evaluation entry (evals.json); entries from before the
-    ``evaluator`` key are ShapesEval's."""
-    name = entry.get("evaluator", "shapes")
-    return EVALUATORS.get(name) if name in EVALUATORS else None
+    """The evaluator class that wrote an evaluation entry (evals.json): the one it names, or for an entry written
+    before the ``evaluator`` key the one registered evaluator whose ``scores_key`` it holds; None if unknown."""
+    if "evaluator" in entry:
+        return EVALUATORS.get(entry["evaluator"]) if entry["evaluator"] in EVALUATORS else None
+    holders = [EVALUATORS.get(name) for name in EVALUATORS.names() if EVALUATORS.get(name).scores_key in entry]
+    return holders[0] if len(holders) == 1 else None
 
 
 def scores_of(entry: dict) -> dict[str, float]:

@@ -8,7 +8,7 @@ prompt file whose metadata names every prompt's category as that benchmark does:
 category means, with the categories in the benchmark's column order in `dgpo eval`'s table. Out of
 domain it reports within-prompt diversity (mode collapse is what a reward scoring images one at a time
 cannot see) and, given a second prompt file (``eval.ood_prompts``), the reward and diversity there.
-Registered through :data:`dgpo.registry.PLUGINS`; the default evaluator of every backend without its own
+Registered through :data:`dgpo.registry.CORE_REGISTRANTS`; the default evaluator of every backend without its own
 when ``eval.prompts`` is set.
 """
 from __future__ import annotations

@@ -1,30 +1,61 @@
-"""Name -> object registries (models, algorithms, rewards, evaluators, prompt sources, prompt samplers) with did-you-mean errors.
+"""Name -> object registries (models, algorithms, rewards, evaluators, prompt sources, prompt samplers, commands) with did-you-mean errors.
 
-A registry made with ``plugins=True`` imports the modules in :data:`PLUGINS` on its first lookup: the
-hook through which packages such as ShapesEval (``dgpo.shapes``) register their evaluator and prompt
-sources without the general code importing them.
+A registry made with ``plugins=True`` loads the plugins on its first lookup (:func:`load_plugins`): the modules
+that installed packages declare under the ``dgpo.plugins`` entry point group. dgpo's own plugins are declared
+in its pyproject.toml like any outside package's, so that the general code never imports them; importing a
+plugin module runs its ``register_*`` calls. The core's own registrants that would import their registry back
+(:data:`CORE_REGISTRANTS`) load on the same first lookup.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import pkgutil
+from importlib.metadata import EntryPoint, entry_points
 from typing import Callable, Generic, TypeVar
 
 from .requirements import Requirement
 
 T = TypeVar("T")
 
-PLUGINS: tuple[str, ...] = ("dgpo.shapes.plugin", "dgpo.prompt_set")
+PLUGIN_GROUP = "dgpo.plugins"
+CORE_REGISTRANTS: tuple[str, ...] = ("dgpo.prompt_set",)  # the prompt-set evaluator, which imports the evaluator registry
+PACKAGE = "dgpo"
 _plugins_loaded = False
 
 
+def declared_plugins() -> list[EntryPoint]:
+    """The ``dgpo.plugins`` entry points of every installed distribution."""
+    return list(entry_points(group=PLUGIN_GROUP))
+
+
+def bundled_plugin_modules() -> list[str]:
+    """dgpo's own plugins found in its source tree: each subpackage's ``plugin`` module (``dgpo.X.plugin``).
+
+    Read only when the installed dgpo declares no plugin entry point: dgpo run from a source tree that is not
+    installed, or installed (editable) before its pyproject.toml declared them; ``pip install -e .`` refreshes that."""
+    package = importlib.import_module(PACKAGE)
+    return [f"{PACKAGE}.{info.name}.plugin" for info in pkgutil.iter_modules(package.__path__)
+            if info.ispkg and importlib.util.find_spec(f"{PACKAGE}.{info.name}.plugin") is not None]
+
+
+def plugin_modules(declared: list[EntryPoint]) -> list[str]:
+    """The modules to import for the ``declared`` entry points, plus dgpo's bundled plugins where its own
+    distribution declared none (see :func:`bundled_plugin_modules`)."""
+    modules = [entry.module for entry in declared]
+    if not any(entry.dist is not None and entry.dist.name == PACKAGE for entry in declared):
+        modules += [m for m in bundled_plugin_modules() if m not in modules]
+    return modules
+
+
 def load_plugins() -> None:
-    """Import the plugin modules (once); each registers what it offers."""
+    """Import the core registrants and every plugin module (once); each registers what it offers."""
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for module in PLUGINS:
+    for module in (*CORE_REGISTRANTS, *plugin_modules(declared_plugins())):
         importlib.import_module(module)
 
 

@@ -6,16 +6,15 @@ so that a model directory of another kind is refused in one line before any weig
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from ..registry import Registry
 from .base import FlowModelAdapter
 from .description import ModelDescription, describe_pipeline
+from .directories import PIPELINE_CLASSES, check_model_directory
 
-BACKENDS: Registry[Callable[[str, int], FlowModelAdapter]] = Registry("model backend")
-PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {}  # backend -> the diffusers pipeline classes it loads
+BACKENDS: Registry[Callable[[str, int], FlowModelAdapter]] = Registry("model backend", plugins=True)
 DESCRIBERS: dict[str, Callable[[str, int], ModelDescription]] = {}  # backend -> its model directories' description
 
 
@@ -43,32 +42,8 @@ def load_model(backend: str, path: str, resolution: int = 0) -> FlowModelAdapter
     return loader(path, resolution)
 
 
-def check_model_directory(backend: str, path: str) -> None:
-    """One-line errors, before anything loads, for a model directory the backend cannot load: a diffusers pipeline
-    of another kind (or a diffusers pipeline with model.backend left at its default, shapes), one component
-    folder of a pipeline (DIR/transformer), or no pipeline at all for a pipeline backend."""
-    directory = Path(path) if path else None
-    if directory is None or not directory.is_dir():
-        return
-    index = directory / "model_index.json"
-    expected = PIPELINE_CLASSES.get(backend, ())
-    if index.is_file():
-        found = json.loads(index.read_text()).get("_class_name", "")
-        if expected and found in expected:
-            return
-        owners = [name for name, classes in PIPELINE_CLASSES.items() if found in classes]
-        hint = f"; set model.backend: {owners[0]} (--backend {owners[0]})" if owners else ""
-        raise ValueError(f"model.path {path} holds a diffusers {found or 'pipeline'} (model_index.json), which model.backend "
-                         f"{backend} does not load{hint}")
-    if (directory.parent / "model_index.json").is_file():
-        raise ValueError(f"model.path {path} is the {directory.name!r} component of the diffusers pipeline in {directory.parent}: "
-                         f"set model.path to {directory.parent}")
-    if expected:
-        raise ValueError(f"model.path {path} has no model_index.json, so it is not a diffusers pipeline directory "
-                         f"(model.backend {backend} loads {' or '.join(expected)}; write one with pipeline.save_pretrained)")
-
-
-def _existing_directory(path: str) -> str:
+def existing_directory(path: str) -> str:
+    """``path`` when it is a directory, else a one-line error naming model.path (for a backend's loader)."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model.path {path!r} is not a model directory")
     return path
@@ -79,9 +54,9 @@ def _directory_or_hub_id(path: str) -> str:
     cache holds it); anything else is no model at all."""
     if not path or path == "shipped":
         raise FileNotFoundError(f"no model given (model.path, --model {path!r}): this backend needs a model directory or hub id; "
-                                "'shipped' is the ShapesEval model of the shapes backend")
+                                "'shipped' names the model a backend ships inside its package, and this one ships none")
     if Path(path).exists():
-        return _existing_directory(path)
+        return existing_directory(path)
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -90,12 +65,6 @@ def _directory_or_hub_id(path: str) -> str:
         raise FileNotFoundError(f"model.path {path!r}: no such directory (in {Path.cwd()}), and not a hub model id (owner/name) "
                                 "to fetch from the hub either") from None
     return path
-
-
-def _describe_shapes(path: str, resolution: int) -> ModelDescription:
-    from .shapes import describe_shapes
-
-    return describe_shapes(path, resolution)
 
 
 def _describe_sd3(path: str, resolution: int) -> ModelDescription:
@@ -115,18 +84,6 @@ def _describe_sana(path: str, resolution: int) -> ModelDescription:
     from .sana import SanaModel
 
     return describe_pipeline(path, resolution, "sana", SanaModel.lora_target_modules)
-
-
-@register_backend("shapes", describe=_describe_shapes)
-def _load_shapes(path: str, resolution: int) -> FlowModelAdapter:
-    from .shapes import SHIPPED_MODEL, ShapesModel, resolution_problem
-
-    problem = resolution_problem(resolution)
-    if problem:
-        raise ValueError(problem)
-    if path in ("", "shipped"):
-        return ShapesModel.from_pretrained(SHIPPED_MODEL)
-    return ShapesModel.from_pretrained(_existing_directory(path))
 
 
 @register_backend("sd3", pipelines=("StableDiffusion3Pipeline",), describe=_describe_sd3)

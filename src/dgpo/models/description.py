@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..requirements import local_model
+from .directories import check_model_directory
 
 MODEL_LIBRARIES = ("diffusers", "transformers")
 """Libraries whose components are modules with parameters; the others (tokenizers, schedulers) hold none."""
@@ -95,8 +96,6 @@ def describe_pipeline(path: str, resolution: int, backend: str, lora_targets: li
                       native_latent_size: int = 0) -> ModelDescription:
     """A diffusers pipeline directory, or a hub id in the local cache: ``model_index.json`` names the components, each
     built from its config. ``packing``: latents per token side beyond the patch (FLUX packs 2x2)."""
-    from . import check_model_directory
-
     if path in ("", "shipped"):
         return ModelDescription(problems=(f"model.path {path!r}: model.backend {backend} needs a model directory or hub id",))
     directory, problem = local_model(path, "model.path")

@@ -1,4 +1,4 @@
-"""Built-in rewards that need no weights: JPEG compressibility. (ShapesEval's verifier rewards are in dgpo/shapes/rewards.py.)"""
+"""Built-in rewards that need no weights: JPEG compressibility."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import register_reward
+from .base import register_reward
 
 
 def _jpeg_kilobytes(image: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..requirements import Setting
-from . import register_reward
+from .base import register_reward
 
 CLIP_MODEL = Setting("model", "DGPO_CLIP_MODEL", "openai/clip-vit-large-patch14", kind="model")
 PICKSCORE_MODEL = Setting("model", "DGPO_PICKSCORE_MODEL", "yuvalkirstain/PickScore_v1", kind="model")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..requirements import Variant
-from . import RewardCategories, register_categories, register_reward, to_pil_images
+from .base import RewardCategories, register_categories, register_reward, to_pil_images
 from .clip import CLIP_MODEL, ClipEmbedder
 from .geneval_detectors import DETECTORS, Detection, Detector, build_detector
 

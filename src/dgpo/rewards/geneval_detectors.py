@@ -32,7 +32,7 @@ from PIL import Image
 from ..errors import UserError
 from ..registry import Registry
 from ..requirements import Package, Requirement, Setting
-from . import build_registered
+from .base import build_registered
 
 # GenEval's evaluation/object_names.txt: the 80 COCO classes in the detector's output order.
 OBJECT_NAMES = (

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..requirements import Binary, Package
-from . import register_reward, to_pil_images
+from .base import register_reward, to_pil_images
 
 
 def levenshtein(a: str, b: str) -> int:

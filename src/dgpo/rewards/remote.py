@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
 from ..requirements import Setting
-from . import as_scores, get_reward, register_reward, to_pil_images
+from .base import as_scores, get_reward, register_reward, to_pil_images
 
 SCHEMA_VERSION = 1
 URL = Setting("url", "DGPO_REMOTE_URL")

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.shapes import ShapesModel, WordTokenizer, bidirectional_text_encoder, orthogonal_text_encoder, with_extra_layers, with_text_width
 from ..seeding import keyed_generator, stable_seed
 from ..train.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from .captions import CaptionModel, caption_scene
+from .model import ShapesModel, WordTokenizer, bidirectional_text_encoder, orthogonal_text_encoder, with_extra_layers, with_text_width
 from .prompts import CATEGORIES, PromptSpec, all_specs, scene_for_spec, vocabulary
 from .verifier import verify
 from .world import BACKGROUND, SceneObject, render_scene

@@ -1,7 +1,7 @@
 """ShapesEval's verifier as rewards: shapes_partial, shapes_strict, shapes_focused.
 
-Registered when ``dgpo.rewards`` is imported (its last lines import this module), so the reward registry
-lists them without the user importing anything."""
+Registered when the plugins load (``dgpo.shapes.plugin``), so the reward registry lists them without the
+user importing anything."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -160,7 +160,7 @@ class OptimConfig(Freezable):
 @dataclass
 class EvalConfig(Freezable):
     evaluator: str = _help("registered evaluator run before, during (eval.every) and after training (dgpo.evaluators.EVALUATORS); "
-                           "empty = the default for model.backend (shapes for the shapes backend), else prompts when eval.prompts "
+                           "empty = the one registered as the default for model.backend, else prompts when eval.prompts "
                            "is set, else none; none = no evaluation", default="")
     prompts: str = _help("held-out prompt file (one prompt per line, or JSONL {prompt, metadata}) or registered prompt source for "
                          "the prompt-set evaluator (prompts): it scores the training rewards (reward.weights) on these prompts, "

@@ -17,9 +17,11 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from .base import PromptEmbeddings
-from .description import ModelDescription, describe_components
-from .sd3 import MMDiTLatents
+from ..models import existing_directory, register_backend
+from ..models.base import PromptEmbeddings
+from ..models.description import ModelDescription, describe_components
+from ..models.sd3 import MMDiTLatents
+from .prompts import vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
 # Token order of models saved before tokenizer.json recorded its special tokens. With <eos> at id 2,
@@ -281,7 +283,7 @@ def with_extra_layers(transformer: SD3Transformer2DModel, extra: int) -> SD3Tran
 
 
 class ShapesModel(MMDiTLatents):
-    """Adapter for the ShapesEval model (see ``dgpo.models.base.FlowModelAdapter``)."""
+    """Adapter for the ShapesEval model (see ``dgpo.models.base.FlowModelAdapter``), the ``shapes`` backend."""
 
     def __init__(self, vae: AutoencoderKL, transformer: SD3Transformer2DModel, text_encoder: CLIPTextModel, tokenizer: WordTokenizer):
         self.vae = vae
@@ -357,8 +359,6 @@ TINY_TRANSFORMER = dict(num_layers=2, attention_head_dim=16, num_attention_heads
 
 def build_tiny_model(seed: int = 0) -> ShapesModel:
     """A randomly initialised ShapesEval model with tiny components, for tests and soak benchmarks."""
-    from ..shapes.prompts import vocabulary
-
     torch.manual_seed(seed)
     return ShapesModel.from_config(vocabulary(), vae=TINY_VAE, transformer=TINY_TRANSFORMER).eval()
 
@@ -384,3 +384,14 @@ def describe_shapes(path: str, resolution: int) -> ModelDescription:
     if not (directory / "tokenizer.json").is_file():
         extra.append(f"model.path {path}: {directory} has no tokenizer.json (the ShapesEval word tokenizer)")
     return dataclasses.replace(described, problems=described.problems + tuple(p for p in extra if p))
+
+
+@register_backend("shapes", describe=describe_shapes)
+def load_shapes_model(path: str, resolution: int) -> ShapesModel:
+    """The ``shapes`` backend: the base model shipped in the package for path '' or 'shipped', else the one saved at ``path``."""
+    problem = resolution_problem(resolution)
+    if problem:
+        raise ValueError(problem)
+    if path in ("", "shipped"):
+        return ShapesModel.from_pretrained(SHIPPED_MODEL)
+    return ShapesModel.from_pretrained(existing_directory(path))
