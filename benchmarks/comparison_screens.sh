@@ -15,6 +15,7 @@ dgpo compare \
   awm_cfg45_half_lr=$S/awm_cfg45_half_lr.yaml \
   diffusionnft_cfg1=configs/shapes/diffusionnft.yaml \
   diffusionnft_cfg45=$S/diffusionnft_cfg45.yaml \
+  diffusionnft_cfg45_half_lr=$S/diffusionnft_cfg45_half_lr.yaml \
   flow_grpo=configs/shapes/flow_grpo.yaml \
   flow_grpo_half_lr=$S/flow_grpo_half_lr.yaml \
   "$@" \
