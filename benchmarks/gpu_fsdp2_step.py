@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "processes": world,
         "model": "tiny ShapesEval model (--tiny)" if args.tiny else
                  "SD3.5-Medium transformer config, random weights (float32), bf16 (autocast for lora; FSDP2 bf16 params, fp32 reduce)",
-        "code": "dgpo.train.loop.Trainer: rollouts (dgpo.rollout.sample) and update (registered algorithm dgpo); model.sharding per mode",
+        "code": "dgpo.train.loop.Trainer: rollouts (dgpo.generation.sample) and update (registered algorithm dgpo); model.sharding per mode",
         "lora_rank": args.lora_rank, "group_size": args.group_size, "training_timesteps": args.timesteps,
         "modes": results, "notes": notes,
         "command": "python benchmarks/gpu_fsdp2_step.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),

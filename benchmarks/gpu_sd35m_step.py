@@ -1,6 +1,6 @@
 """GPU benchmark: one DGPO step of the trainer's own code on the full SD3.5-Medium transformer (random weights), 512 px, bf16, LoRA.
 
-What is timed is the trainer itself: ``Trainer.rollouts`` (the rollout of ``dgpo.rollout.sample``: Flow-DPM-Solver,
+What is timed is the trainer itself: ``Trainer.rollouts`` (the rollout of ``dgpo.generation.sample``: Flow-DPM-Solver,
 10 steps, CFG 4.5, keyed noise) and ``Trainer.update`` (the registered dgpo algorithm: M training timesteps over the
 whole group, LoRA policy forward+backward and reference forward with the adapter disabled, gradient checkpointing,
 the cross-process gradient sum and the optimizer step). The transformer's weights are float32 under bf16 autocast,
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": "tiny ShapesEval model (--tiny)" if args.tiny else
                  "SD3.5-Medium transformer config, random weights (float32), bf16 autocast, LoRA r=%d on attention projections" % args.lora_rank,
-        "code": "dgpo.train.loop.Trainer: rollouts (dgpo.rollout.sample) and update (registered algorithm dgpo)",
+        "code": "dgpo.train.loop.Trainer: rollouts (dgpo.generation.sample) and update (registered algorithm dgpo)",
         "resolution": 32 if args.tiny else 512, "group_size": G, "training_timesteps": args.timesteps,
         "rollout_seconds_per_group": round(rollout_s, 3),
         "update_seconds_per_group": round(update_s, 3),

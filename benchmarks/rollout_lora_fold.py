@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
+from dgpo.generation import sample
 from dgpo.models import load_model
-from dgpo.rollout import sample
 from dgpo.train.config import load_config
 from dgpo.train.policy import attach_trainable
-from dgpo.train.rollouts import rollout_settings
 
 PROMPT = "three red circles"
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = config.data.micro_batch
     cond, uncond = model.encode_prompts([PROMPT] * batch), model.encode_prompts([""] * batch)
     noise = torch.randn(batch, *model.latent_shape, generator=torch.Generator().manual_seed(0))
-    settings = rollout_settings(config.rollout)
+    settings = config.rollout.sampler_settings
 
     def chunk_seconds(folded: bool) -> float:
         start = time.perf_counter()

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dgpo.generation import Samples, sample
 from dgpo.models import load_model
 from dgpo.models.base import cat_embeddings
 from dgpo.models.merge import load_adapter
-from dgpo.rollout import SamplerSettings, Samples, sample
-from dgpo.sampling import flow_sigmas
+from dgpo.sampler_settings import SamplerSettings
 from dgpo.seeding import keyed_randn
 from dgpo.shapes.evaluator import eval_plan
 from dgpo.shapes.verifier import verify
@@ -49,7 +49,7 @@ def solve(model, prompts: list[str], start: torch.Tensor, settings: SamplerSetti
 def split_at(model, specs, latents: torch.Tensor, passed: np.ndarray, settings: SamplerSettings, index: int,
              batch_size: int) -> dict[str, float]:
     """Pass rates after re-noising to the grid's sigma[index] with fresh noise, for originals that passed and that failed."""
-    sigma = float(flow_sigmas(settings.num_steps, settings.shift)[index])
+    sigma = float(settings.sigmas()[index])
     again = []
     for start in range(0, len(specs), batch_size):
         chunk = slice(start, start + batch_size)

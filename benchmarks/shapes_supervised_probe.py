@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dgpo.models import load_model
-from dgpo.rollout import SamplerSettings
+from dgpo.sampler_settings import SamplerSettings
 from dgpo.shapes.captions import EXACT_CAPTIONS
 from dgpo.shapes.evaluator import shapes_eval
 from dgpo.shapes.pretrain import DenoiserTraining, Pool, PretrainConfig, build_pool, pool_latents

@@ -28,10 +28,10 @@ def test_time_step_moves_the_weights(tmp_path):
     benchmark = load_benchmark()
     args = benchmark.argparse.Namespace(tiny=True, group_size=4, timesteps=1, lora_rank=4, repeats=0)
     trainer = benchmark.build_trainer(args, tmp_path)
-    before = [p.detach().clone() for _, p in trainer.trainable]
+    before = [p.detach().clone() for _, p in trainer.policy.trainable]
     rollout_seconds, update_seconds = benchmark.time_step(trainer, 0)
     assert rollout_seconds > 0 and update_seconds > 0
-    assert any(not (a == p).all() for a, (_, p) in zip(before, trainer.trainable))
+    assert any(not (a == p).all() for a, (_, p) in zip(before, trainer.policy.trainable))
 
 
 def test_fsdp2_benchmark_runs_every_mode_on_the_tiny_model(tmp_path):

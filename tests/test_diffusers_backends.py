@@ -199,21 +199,21 @@ def test_dgpo_trains_and_exports_a_lora_the_pipeline_loads(backend, tmp_path):
         "run.output_dir": str(tmp_path / "run"), "run.threads": 1, "reward.weights": {"jpeg_incompressibility": 1.0},
     }
     trainer = Trainer(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
-    before = {n: p.detach().clone() for n, p in trainer.trainable}
+    before = {n: p.detach().clone() for n, p in trainer.policy.trainable}
     assert trainer.train() == 0
-    assert any(not torch.equal(before[n], p) for n, p in trainer.trainable)
+    assert any(not torch.equal(before[n], p) for n, p in trainer.policy.trainable)
     trainer.export_adapter(tmp_path / "adapter")
 
     without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if name == "sd3" else {}
-    pipeline = getattr(diffusers, trainer.model.pipeline_class).from_pretrained(str(path), **without_t5)
-    x = torch.randn(2, *trainer.model.latent_shape)
-    embeddings = trainer.model.encode_prompts(["a red circle", "a blue square"])
+    pipeline = getattr(diffusers, trainer.policy.model.pipeline_class).from_pretrained(str(path), **without_t5)
+    x = torch.randn(2, *trainer.policy.model.latent_shape)
+    embeddings = trainer.policy.model.encode_prompts(["a red circle", "a blue square"])
     base = pipeline_velocity(name, pipeline.transformer, x, 0.7, embeddings)
     pipeline.load_lora_weights(str(tmp_path / "adapter"))
     tuned = pipeline_velocity(name, pipeline.transformer, x, 0.7, embeddings)
-    trainer.model.transformer.eval()
+    trainer.policy.model.transformer.eval()
     assert not torch.allclose(base, tuned)
-    torch.testing.assert_close(tuned, pipeline_velocity(name, trainer.model.transformer, x, 0.7, embeddings))
+    torch.testing.assert_close(tuned, pipeline_velocity(name, trainer.policy.model.transformer, x, 0.7, embeddings))
 
 
 def test_sana_encodes_prompts_as_its_pipeline_does(sana):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_train import tiny_overrides
 
-from dgpo.evaluation import velocity_drift
+from dgpo.drift import velocity_drift
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
 from dgpo.train.run import evaluation_drift, run_training
@@ -36,7 +36,7 @@ def test_a_fresh_lora_has_no_drift_and_a_trained_one_does(tiny_model_dir, tmp_pa
     prompts = ["a photo of a red circle", "a photo of two squares", "a photo of a cross above a circle"] * 2
     assert evaluation_drift(trainer, images, prompts) == pytest.approx(1.0, abs=1e-6)
     with torch.no_grad():
-        for name, param in trainer.trainable:
+        for name, param in trainer.policy.trainable:
             if "lora_B" in name:
                 param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
     assert abs(evaluation_drift(trainer, images, prompts) - 1.0) > 1e-3

@@ -7,8 +7,8 @@ import json
 import numpy as np
 from test_train import tiny_overrides
 
-from dgpo.evaluation import generate
 from dgpo.evaluators import EVALUATORS, EvalResult, Evaluator, GridSelection, register_evaluator, resolve_evaluator
+from dgpo.generation import generate
 from dgpo.train.config import load_config
 from dgpo.train.data import PROMPT_SOURCES, Prompt, PromptSource, register_prompt_source
 from dgpo.train.run import comparison_table, run_training

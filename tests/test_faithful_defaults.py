@@ -91,9 +91,9 @@ def test_ramped_decay_is_the_reference_schedule_and_zero_ramp_is_fixed():
 def test_rollout_ema_follows_the_ramped_decay_in_training(tiny_model_dir, tmp_path):
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **{"run.max_steps": 3, "rollout.ema_decay": 0.3, "rollout.ema_ramp": 0.25}))
     trainer = Trainer(config, **QUIET)
-    initial = [p.detach().clone() for _, p in trainer.trainable]
+    initial = [p.detach().clone() for _, p in trainer.policy.trainable]
     after_each_step = []
-    trainer.train(on_step=lambda tr, metrics: after_each_step.append([p.detach().clone() for _, p in tr.trainable]))
+    trainer.train(on_step=lambda tr, metrics: after_each_step.append([p.detach().clone() for _, p in tr.policy.trainable]))
 
     def ema(decay_at):
         shadow = initial
@@ -103,7 +103,7 @@ def test_rollout_ema_follows_the_ramped_decay_in_training(tiny_model_dir, tmp_pa
 
     ramped = ema(lambda step: min(0.3, 0.25 * step))  # 0 (the EMA becomes the policy), 0.25, then 0.3
     fixed = ema(lambda step: 0.3)
-    for expected, actual in zip(ramped, trainer.rollout_ema.shadow):
+    for expected, actual in zip(ramped, trainer.policy.rollout_ema.shadow):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
     assert any(not torch.allclose(a, b) for a, b in zip(ramped, fixed))
 
@@ -115,7 +115,7 @@ def test_shared_grid_draw_is_m_distinct_points_for_the_whole_batch(tiny_model_di
     overrides = {"rollout.num_steps": 6, "loss.timestep_mode": "grid", "loss.grid_points": 5, "loss.timesteps": 3}
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), **QUIET)
     assert trainer.config.loss.grid_draw == "shared"  # the default
-    grid = trainer.rollout_sigmas()[:5]
+    grid = trainer.draws.sigmas[:5]
     counts = torch.zeros(5)
     draws = set()
     for step in range(300):
@@ -123,8 +123,8 @@ def test_shared_grid_draw_is_m_distinct_points_for_the_whole_batch(tiny_model_di
         # then every micro-batch trains sample["timesteps"][:, j] for j in sampled_timesteps.
         per_pass = []
         for k in range(3):
-            one_micro_batch = trainer.training_sigmas(step, (0, k), torch.tensor([0, 0, 1, 1]))
-            another_process = trainer.training_sigmas(step, (0, k), torch.tensor([6, 7, 7]))
+            one_micro_batch = trainer.draws.training_sigmas(step, (0, k), torch.tensor([0, 0, 1, 1]))
+            another_process = trainer.draws.training_sigmas(step, (0, k), torch.tensor([6, 7, 7]))
             assert torch.equal(one_micro_batch, torch.full((4,), float(one_micro_batch[0])))
             assert torch.equal(another_process, torch.full((3,), float(one_micro_batch[0])))
             per_pass.append(int(torch.nonzero(grid == one_micro_batch[0])))
@@ -135,13 +135,13 @@ def test_shared_grid_draw_is_m_distinct_points_for_the_whole_batch(tiny_model_di
     assert counts.min() > 140 and counts.max() < 220
     assert len(draws) > 50
     # fresh points for a second update on the same rollout, as the reference's inner epochs draw afresh
-    assert any(not torch.equal(trainer.shared_grid_points(step, 0), trainer.shared_grid_points(step, 1)) for step in range(5))
+    assert any(not torch.equal(trainer.draws.shared_grid_points(step, 0), trainer.draws.shared_grid_points(step, 1)) for step in range(5))
 
 
 def test_per_group_grid_draw_is_still_offered(tiny_model_dir, tmp_path):
     overrides = {"rollout.num_steps": 6, "loss.timestep_mode": "grid", "loss.grid_points": 5, "loss.grid_draw": "per_group"}
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), **QUIET)
-    sigmas = torch.stack([trainer.training_sigmas(step, (0, 0), torch.arange(8)) for step in range(4)])
+    sigmas = torch.stack([trainer.draws.training_sigmas(step, (0, 0), torch.arange(8)) for step in range(4)])
     assert len(set(sigmas.flatten().tolist())) > 1 and not all(len(set(row.tolist())) == 1 for row in sigmas)
 
 
@@ -177,29 +177,29 @@ def test_eval_ema_updates_on_its_schedule_and_is_exported_beside_the_adapter(tin
 
     overrides = {"run.max_steps": 6, "run.save_every": 0, "eval.ema_decay": 0.9, "eval.ema_every": 3}
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)), **QUIET)
-    initial = [p.detach().clone() for _, p in trainer.trainable]
+    initial = [p.detach().clone() for _, p in trainer.policy.trainable]
     after_each_step = []
-    trainer.train(on_step=lambda tr, metrics: after_each_step.append([p.detach().clone() for _, p in tr.trainable]))
+    trainer.train(on_step=lambda tr, metrics: after_each_step.append([p.detach().clone() for _, p in tr.policy.trainable]))
     shadow = initial
     for n, params in enumerate(after_each_step, start=1):
         decay = reference_ema_step(0.9, 3, n)  # updates after 2 and 5 steps, decay 3/12 and 6/15
         if decay is not None:
             shadow = [decay * s + (1 - decay) * p for s, p in zip(shadow, params)]
-    for expected, actual in zip(shadow, trainer.eval_ema.shadow):
+    for expected, actual in zip(shadow, trainer.policy.eval_ema.shadow):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
 
     trainer.export_adapter(tmp_path / "adapter")
     base = ShapesModel.from_pretrained(tiny_model_dir)
     x, sigma = torch.randn(2, *base.latent_shape), torch.full((2,), 0.7)
     emb = base.encode_prompts(["a photo of a red circle", "a photo of two squares"])
-    trainer.model.transformer.eval()
+    trainer.policy.model.transformer.eval()
     velocities = []
-    for folder, weights in (("adapter", None), ("adapter_ema", trainer.eval_ema)):
+    for folder, weights in (("adapter", None), ("adapter_ema", trainer.policy.eval_ema)):
         tuned = ShapesModel.from_pretrained(tiny_model_dir)
         tuned.transformer.load_lora_adapter(str(tmp_path / folder), use_safetensors=True)
         with torch.no_grad(), (weights.swapped_in() if weights else contextlib.nullcontext()):
             velocities.append(tuned.velocity(x, sigma, emb))
-            torch.testing.assert_close(velocities[-1], trainer.model.velocity(x, sigma, emb))
+            torch.testing.assert_close(velocities[-1], trainer.policy.model.velocity(x, sigma, emb))
     assert not torch.allclose(*velocities)
 
 

@@ -4,8 +4,9 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from dgpo.generation import sample
 from dgpo.models.lora_fold import lora_folded
-from dgpo.rollout import SamplerSettings, sample
+from dgpo.sampler_settings import SamplerSettings
 from dgpo.shapes.model import build_tiny_model
 
 

@@ -25,8 +25,8 @@ def test_adamw8bit_trains_with_8bit_state_and_resumes_exactly(tiny_model_dir, tm
     before = trainable_state(straight)
     straight.train()
     assert type(straight.optimizer).__name__ == "AdamW8bit"
-    assert sum(not torch.equal(before[n], p) for n, p in straight.trainable) >= len(before) // 2
-    states = [straight.optimizer.state[p] for _, p in straight.trainable]
+    assert sum(not torch.equal(before[n], p) for n, p in straight.policy.trainable) >= len(before) // 2
+    states = [straight.optimizer.state[p] for _, p in straight.policy.trainable]
     assert all(s["state1"].dtype == s["state2"].dtype == torch.uint8 for s in states)
 
     first = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "b", **ADAMW8BIT, **{"run.max_steps": 2})))
@@ -35,7 +35,7 @@ def test_adamw8bit_trains_with_8bit_state_and_resumes_exactly(tiny_model_dir, tm
     resumed.train(resume=True)
     for name, value in trainable_state(straight).items():
         assert torch.equal(value, trainable_state(resumed)[name]), name
-    for (_, p), (_, q) in zip(straight.trainable, resumed.trainable):
+    for (_, p), (_, q) in zip(straight.policy.trainable, resumed.policy.trainable):
         a, b = straight.optimizer.state[p], resumed.optimizer.state[q]
         assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
     assert [h["reward_mean"] for h in straight.counters.history] == [h["reward_mean"] for h in resumed.counters.history]
@@ -78,7 +78,7 @@ def test_an_optimizer_registered_from_outside_the_package_trains(tiny_model_dir,
     finally:
         OPTIMIZERS.unregister("sgd_for_test")
     assert isinstance(trainer.optimizer, RecordingSGD) and made == [trainer.config.optim.lr]
-    assert any(not torch.equal(before[n], p) for n, p in trainer.trainable)
+    assert any(not torch.equal(before[n], p) for n, p in trainer.policy.trainable)
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +96,13 @@ def test_offloaded_text_encoders_still_encode_a_new_prompt_identically(sd3_with_
         "run.tensorboard": False, "run.output_dir": str(tmp_path / "run"), "run.threads": 1, "reward.weights": {"jpeg_incompressibility": 1.0},
     }
     trainer = Trainer(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
-    encoders = trainer.model.text_encoders()
-    pipeline = trainer.model.pipeline
+    encoders = trainer.policy.model.text_encoders()
+    pipeline = trainer.policy.model.pipeline
     assert encoders == [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
     assert all(p.device.type == "cpu" for encoder in encoders for p in encoder.parameters())
-    assert set(trainer._embedding_cache) == {"a red circle", "a blue square", ""}
+    assert set(trainer.policy.embedding_cache) == {"a red circle", "a blue square", ""}
     assert trainer.train() == 0
-    new = trainer._embed(["a green triangle"])  # not cached: encoded now, by the offloaded encoders
+    new = trainer.policy.embed(["a green triangle"])  # not cached: encoded now, by the offloaded encoders
     expected = load_model("sd3", str(sd3_with_t5), RESOLUTION).encode_prompts(["a green triangle"])
     assert all(torch.equal(a, b) for a, b in zip(new, expected))
 

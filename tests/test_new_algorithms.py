@@ -296,8 +296,8 @@ def test_flow_grpo_fast_trains_the_window_steps_with_the_rollouts_log_probs(tiny
     metrics = trainer.counters.history[0]
     assert metrics["approx_kl"] < 1e-8 and metrics["clipped_fraction"] == 0.0
     ids = torch.arange(8)
-    starts = trainer.sde_window_starts(0, ids)
-    trained = torch.stack([starts + trainer.trajectory_steps(0, k, ids, n=2) for k in range(2)])
+    starts = trainer.draws.sde_window_starts(0, ids)
+    trained = torch.stack([starts + trainer.draws.trajectory_steps(0, k, ids, n=2) for k in range(2)])
     assert (trained.sort(dim=0).values == torch.stack([starts, starts + 1])).all()
     assert len(set(starts.tolist())) > 1  # each sample draws its own window
 
@@ -311,7 +311,7 @@ def test_new_algorithms_resume_exactly(tiny_model_dir, tmp_path, variant):
     resumed.train(resume=True)
     for name, value in trainable_state(straight).items():
         assert torch.equal(value, trainable_state(resumed)[name]), name
-    for a, b in zip(straight.rollout_ema.shadow, resumed.rollout_ema.shadow):
+    for a, b in zip(straight.policy.rollout_ema.shadow, resumed.policy.rollout_ema.shadow):
         assert torch.equal(a, b)
     logged = [json.loads(line)["reward_mean"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [h["reward_mean"] for h in straight.counters.history]

@@ -56,9 +56,9 @@ def toy_algorithm():
 def test_an_algorithm_registered_from_a_test_module_trains_a_step(toy_algorithm, tiny_model_dir, tmp_path):
     overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"loss.algorithm": toy_algorithm, "loss.timesteps": 1, "run.max_steps": 1})
     trainer = Trainer(load_config(None, overrides))
-    before = {n: p.detach().clone() for n, p in trainer.trainable}
+    before = {n: p.detach().clone() for n, p in trainer.policy.trainable}
     assert trainer.train() == 0
-    assert any(not torch.equal(before[n], p) for n, p in trainer.trainable)
+    assert any(not torch.equal(before[n], p) for n, p in trainer.policy.trainable)
     (metrics,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics["toy_error"] > 0 and metrics["kl"] >= 0 and metrics["forward_equivalents"] > 0
 
@@ -104,7 +104,8 @@ def test_every_sampler_field_is_validated(overrides, message):
 
 
 def test_evaluation_refuses_a_stochastic_sampler():
-    from dgpo.evaluation import SamplerSettings, generate
+    from dgpo.generation import generate
+    from dgpo.sampler_settings import SamplerSettings
 
     with pytest.raises(ValueError, match="ODE sampler"):
         generate(None, ["a red circle"], [("k", 0)], SamplerSettings("sde"))

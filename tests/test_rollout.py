@@ -1,12 +1,13 @@
-"""dgpo.rollout.sample entered mid-grid: the rollout that the decision-time probe restarts from a re-noised latent."""
+"""dgpo.generation.sample entered mid-grid: the rollout that the decision-time probe restarts from a re-noised latent."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dgpo.generation import sample
 from dgpo.models import load_model
 from dgpo.models.base import cat_embeddings
-from dgpo.rollout import SamplerSettings, sample
+from dgpo.sampler_settings import SamplerSettings
 from dgpo.seeding import keyed_randn
 
 
@@ -39,3 +40,28 @@ def test_sample_refuses_a_start_outside_the_grid(model_and_prompts, start_step):
     model, cond, uncond, noise = model_and_prompts
     with pytest.raises(ValueError, match="start_step must be in"):
         sample(model, cond, uncond, noise, SamplerSettings(sampler="euler", num_steps=5), start_step=start_step)
+
+
+def test_rollouts_and_training_timesteps_use_one_grid(model_and_prompts, monkeypatch):
+    # The rollout grid has one home, SamplerSettings.sigmas: sample() integrates over the grid the trainer's draws
+    # take training timesteps from, for any num_steps and shift; and the config sections' solver defaults are its.
+    from types import SimpleNamespace
+
+    from dgpo.sampling import SAMPLER_REGISTRY, flow_sigmas
+    from dgpo.train.config import Config, load_config
+    from dgpo.train.draws import Draws
+
+    assert Config().rollout.sampler_settings == SamplerSettings() == Config().eval.sampler_settings
+    model, cond, uncond, noise = model_and_prompts
+    config = load_config(None, ["rollout.sampler=euler", "rollout.num_steps=7", "rollout.shift=2.0", "rollout.guidance_scale=1"])
+    euler, integrated = SAMPLER_REGISTRY.get("euler"), []
+
+    def recording(velocity_fn, x, sigmas, **kwargs):
+        integrated.append(sigmas.clone())
+        return euler.sample(velocity_fn, x, sigmas, **kwargs)
+
+    monkeypatch.setattr(SAMPLER_REGISTRY, "get", lambda name: SimpleNamespace(sample=recording, stochastic=False))
+    sample(model, cond, uncond, noise, config.rollout.sampler_settings)
+    draws = Draws(0, config.rollout, config.loss, 10, model.latent_shape)
+    torch.testing.assert_close(integrated[0], draws.sigmas)
+    torch.testing.assert_close(draws.sigmas, flow_sigmas(7, 2.0))

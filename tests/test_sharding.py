@@ -165,7 +165,7 @@ def test_the_export_gathers_the_shards_into_diffusers_formats(two_ranks, tiny_mo
             torch.testing.assert_close(gathered[name], value, rtol=1e-4, atol=1e-5, msg=name)
     if variant == "full-dgpo":
         loaded = SD3Transformer2DModel.from_pretrained(two_ranks[0] / variant / "adapter")
-        assert {**loaded.config, "_name_or_path": ""} == {**trainer.model.transformer.config, "_name_or_path": ""}
+        assert {**loaded.config, "_name_or_path": ""} == {**trainer.policy.model.transformer.config, "_name_or_path": ""}
 
 
 def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one(two_ranks, tiny_model_dir, tmp_path):

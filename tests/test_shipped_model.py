@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from dgpo.evaluation import SamplerSettings, generate
+from dgpo.generation import generate
 from dgpo.models import load_model
+from dgpo.sampler_settings import SamplerSettings
 from dgpo.shapes.model import SHIPPED_MODEL
 from dgpo.shapes.prompts import all_specs
 from dgpo.shapes.verifier import verify

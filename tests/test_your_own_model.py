@@ -18,7 +18,7 @@ from dgpo.evaluators import resolve_evaluator
 from dgpo.models import load_model
 from dgpo.prompt_set import PromptSetEvaluator
 from dgpo.rewards import REWARDS, RewardFailure, register_reward
-from dgpo.rollout import SamplerSettings
+from dgpo.sampler_settings import SamplerSettings
 from dgpo.train.config import ConfigError, load_config
 from dgpo.train.data import PromptSource
 from dgpo.train.run import run_training

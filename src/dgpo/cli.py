@@ -19,14 +19,17 @@ from pathlib import Path
 from . import registry
 from .commands import COMMANDS, key_value
 from .errors import UserError
+from .sampler_settings import SamplerSettings
+from .train.compare_budget import Budget
 from .train.sections import ModelConfig
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", default="dpm2m", help="ODE solver: dpm2m (Flow-DPM-Solver) or euler (default: dpm2m)")
-    p.add_argument("--steps", type=int, default=10, help="solver steps (default: 10)")
-    p.add_argument("--shift", type=float, default=3.0, help="SD3 time shift (default: 3.0)")
-    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default: 4.5)")
+    d = SamplerSettings
+    p.add_argument("--sampler", default=d.sampler, help=f"ODE solver: dpm2m (Flow-DPM-Solver) or euler (default: {d.sampler})")
+    p.add_argument("--steps", type=int, default=d.num_steps, help=f"solver steps (default: {d.num_steps})")
+    p.add_argument("--shift", type=float, default=d.shift, help=f"SD3 time shift (default: {d.shift})")
+    p.add_argument("--cfg", type=float, default=d.guidance_scale, help=f"classifier-free guidance scale (default: {d.guidance_scale})")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -49,9 +52,7 @@ def _load_model(args):
     return model
 
 
-def _settings(args):
-    from .evaluation import SamplerSettings
-
+def _settings(args) -> SamplerSettings:
     return SamplerSettings(args.sampler, args.steps, args.shift, args.cfg)
 
 
@@ -80,7 +81,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .train.compare import Budget, markdown_summary, parse_recipe, run_comparison
+    from .train.compare import markdown_summary, parse_recipe, run_comparison
 
     recipes = [parse_recipe(text) for text in args.recipes]
     budget = Budget(args.budget_steps, args.budget_seconds, args.budget_forwards, args.eval_every, args.eval_images, args.seeds,
@@ -118,8 +119,8 @@ def _eval_config(args):
 def cmd_eval(args) -> int:
     import torch
 
-    from .evaluation import save_grid
     from .evaluators import NONE, PROMPT_SET, get_evaluator, metric_means, resolve_evaluator
+    from .image_grid import save_grid
     from .rewards import get_reward
 
     if args.threads:
@@ -166,7 +167,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .evaluation import generate, save_grid
+    from .generation import generate
+    from .image_grid import save_grid
     from .models.common import check_prompt_lengths
 
     model = _load_model(args)
@@ -264,16 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "forward-equivalents each recipe needed to reach the score thresholds, and ratios to the baseline.")
     p.add_argument("recipes", nargs="+", metavar="NAME=RECIPE", help="recipes to compare, e.g. dgpo=configs/shapes/dgpo.yaml")
     p.add_argument("--output", default="results/compare", help="output directory (default: results/compare)")
-    p.add_argument("--budget-steps", type=int, default=100, help="optimizer steps per recipe (default: 100)")
+    p.add_argument("--budget-steps", type=int, default=Budget.steps, help=f"optimizer steps per recipe (default: {Budget.steps})")
     p.add_argument("--budget-seconds", type=float, default=0.0, help="also stop each recipe after this much training time (default: no limit)")
     p.add_argument("--budget-forwards", type=float, default=0.0,
                    help="also stop each recipe after this many model forward-equivalents, a budget that means the same on any "
                         "hardware (default: no limit)")
-    p.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (default: 10)")
-    p.add_argument("--eval-images", type=int, default=24, help="test images per category per evaluation (default: 24)")
-    p.add_argument("--final-eval-images", type=int, default=0,
+    p.add_argument("--eval-every", type=int, default=Budget.eval_every, help=f"evaluate every N steps (default: {Budget.eval_every})")
+    p.add_argument("--eval-images", type=int, default=Budget.eval_images_per_category,
+                   help=f"test images per category per evaluation (default: {Budget.eval_images_per_category})")
+    p.add_argument("--final-eval-images", type=int, default=Budget.final_eval_images_per_category,
                    help="test images per category at the last evaluation (default: as --eval-images)")
-    p.add_argument("--save-every", type=int, default=0,
+    p.add_argument("--save-every", type=int, default=Budget.save_every,
                    help="checkpoint each run every N steps, so that --reuse resumes an interrupted run there (default: 0, "
                         "a checkpoint only when a run is stopped by a signal)")
     p.add_argument("--confirm", type=int, default=1,
@@ -283,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="recipe the ratios are relative to (default: the first)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override applied to every recipe (repeatable)")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in OUTPUT/runs whose config matches")
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=int, default=Budget.seeds,
                    help="training seeds per recipe (run.seed 0..N-1); the summary gives mean +- se and bootstrap intervals (default: 1)")
     _add_import_arg(p)
     p.set_defaults(fn=cmd_compare)

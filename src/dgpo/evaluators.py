@@ -22,7 +22,7 @@ import torch
 
 from .registry import Registry
 from .rewards import mean_score, score_batch
-from .rollout import SamplerSettings
+from .sampler_settings import SamplerSettings
 
 NONE = "none"
 PROMPT_SET = "prompts"  # the backend-agnostic evaluator of a held-out prompt file (dgpo.prompt_set)

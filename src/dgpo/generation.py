@@ -1,8 +1,9 @@
-"""Sampling images from a flow model: the one rollout used by training, evaluation and benchmarks.
+"""Generating images with a flow model: the one rollout used by training, evaluation and benchmarks.
 
 ``sample`` turns noise and prompt embeddings into latents and decoded images with a registered sampler
 (``dgpo.sampling.SAMPLER_REGISTRY``: an ODE solver, or the SDE with its per-step noise, trajectory and
-log-probs) under classifier-free guidance. What to draw (keyed noise) and what to embed is the caller's.
+log-probs) under classifier-free guidance; what to draw (keyed noise) and what to embed is the caller's.
+``generate`` is its deterministic batched form for prompts and noise keys (`dgpo sample`, evaluators, probes).
 """
 from __future__ import annotations
 
@@ -11,19 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.base import FlowModelAdapter, PromptEmbeddings
+from .models.base import FlowModelAdapter, PromptEmbeddings, cat_embeddings
 from .models.lora_fold import lora_folded
-from .sampling import SAMPLER_REGISTRY, cfg_velocity, flow_sigmas
-
-
-@dataclass
-class SamplerSettings:
-    sampler: str = "dpm2m"
-    num_steps: int = 10
-    shift: float = 3.0
-    guidance_scale: float = 4.5
-    noise_level: float = 0.7
-    """Stochastic samplers only: a in sigma_t = a * sqrt(t / (1 - t))."""
+from .sampler_settings import SamplerSettings
+from .sampling import SAMPLER_REGISTRY, cfg_velocity, sampler_check
+from .seeding import keyed_randn
 
 
 @dataclass
@@ -51,7 +44,7 @@ def sample(
     start_step: int = 0,
     fold_lora: bool = True,
 ) -> Samples:
-    """Integrate from ``noise`` over ``flow_sigmas(settings.num_steps, settings.shift)`` with the guided velocity
+    """Integrate from ``noise`` over ``settings.sigmas()`` with the guided velocity
 
         v = v(x, uncond) + guidance_scale * (v(x, cond) - v(x, uncond))      (one batched forward; plain v(x, cond) at scale 1)
 
@@ -63,7 +56,7 @@ def sample(
     """
     if not 0 <= start_step < settings.num_steps:
         raise ValueError(f"start_step must be in [0, {settings.num_steps}), got {start_step}")
-    sigmas = flow_sigmas(settings.num_steps, settings.shift, device=noise.device)[start_step:]
+    sigmas = settings.sigmas(noise.device)[start_step:]
     velocity_fn = cfg_velocity(model.velocity, cond, uncond, settings.guidance_scale)
     with lora_folded(model.transformer) if fold_lora else contextlib.nullcontext():
         out = SAMPLER_REGISTRY.get(settings.sampler).sample(
@@ -74,3 +67,26 @@ def sample(
     trajectory = torch.stack(out.trajectory, dim=1).float() if out.trajectory is not None else None
     log_probs = out.log_probs.float() if out.log_probs is not None else None
     return Samples(latents, images, trajectory, log_probs)
+
+
+@torch.no_grad()
+def generate(
+    model: FlowModelAdapter,
+    prompts: list[str],
+    noise_keys: list[tuple],
+    settings: SamplerSettings,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] for prompts[i] from the noise keyed by noise_keys[i] (deterministic):
+    ``sample`` in batches, with an ODE sampler."""
+    message = sampler_check("sampler", settings.sampler, deterministic=True)
+    if message:
+        raise ValueError(message)
+    uncond_single = model.encode_prompts([""])
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        noise = keyed_randn(model.latent_shape, noise_keys[start : start + batch_size], device=model.device)
+        uncond = cat_embeddings([uncond_single] * len(chunk))
+        images.append(sample(model, model.encode_prompts(chunk), uncond, noise, settings).images.cpu())
+    return torch.cat(images)

@@ -1,70 +1,12 @@
-"""Deterministic generation, velocity drift and grids shared by `dgpo eval`, evaluators, periodic evaluation in training
-and benchmarks. The evaluators themselves (what a run scores) are in ``dgpo.evaluators``."""
+"""Image grids for a person to look at: samples under their captions, framed by the verifier's call where there is one."""
 from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-
-from .models.base import FlowModelAdapter, PromptEmbeddings, cat_embeddings
-from .rollout import SamplerSettings, sample
-from .sampling import sampler_check
-from .seeding import keyed_randn
-
-
-@torch.no_grad()
-def generate(
-    model: FlowModelAdapter,
-    prompts: list[str],
-    noise_keys: list[tuple],
-    settings: SamplerSettings,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for prompts[i] from the noise keyed by noise_keys[i] (deterministic):
-    ``dgpo.rollout.sample`` in batches, with an ODE sampler."""
-    message = sampler_check("sampler", settings.sampler, deterministic=True)
-    if message:
-        raise ValueError(message)
-    uncond_single = model.encode_prompts([""])
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        noise = keyed_randn(model.latent_shape, noise_keys[start : start + batch_size], device=model.device)
-        uncond = cat_embeddings([uncond_single] * len(chunk))
-        images.append(sample(model, model.encode_prompts(chunk), uncond, noise, settings).images.cpu())
-    return torch.cat(images)
-
-
-DRIFT_SIGMAS = (0.25, 0.5, 0.75, 1.0)
-
-
-@torch.no_grad()
-def velocity_drift(
-    velocity: Callable[[torch.Tensor, torch.Tensor, PromptEmbeddings], torch.Tensor],
-    reference_velocity: Callable[[torch.Tensor, torch.Tensor, PromptEmbeddings], torch.Tensor],
-    latents: torch.Tensor,
-    embeddings: PromptEmbeddings,
-    noise_keys: list[tuple],
-    sigmas: tuple[float, ...] = DRIFT_SIGMAS,
-) -> float:
-    """Velocity-norm drift, mean ||v_theta(x_s)|| / mean ||v_ref(x_s)||, over x_s = (1 - s) x + s eps of the given latents.
-
-    1 at the start of training; a policy whose velocities grow or shrink against the reference's (which
-    over-saturated or washed-out images show) moves it away from 1, whatever the algorithm, so it warns of
-    reward hacking without a log-probability.
-    """
-    policy_norm = reference_norm = 0.0
-    for sigma in sigmas:
-        noise = keyed_randn(tuple(latents.shape[1:]), [(*key, "drift", sigma) for key in noise_keys], device=latents.device)
-        s = torch.full((latents.shape[0],), sigma, device=latents.device, dtype=latents.dtype)
-        x = (1 - sigma) * latents + sigma * noise.to(latents.dtype)
-        policy_norm += velocity(x, s, embeddings).flatten(1).norm(dim=1).sum().item()
-        reference_norm += reference_velocity(x, s, embeddings).flatten(1).norm(dim=1).sum().item()
-    return policy_norm / reference_norm
 
 
 def save_grid(

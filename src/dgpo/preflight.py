@@ -102,7 +102,7 @@ def check_layout(preflight: Preflight) -> list[str]:
     """The processes hold whole groups in every micro-step and split a step's groups evenly (``GroupLayout``), and the
     launch asks for no sharding the trainer does not do."""
     from .train.data import GroupLayout, LayoutError
-    from .train.loop import refuse_sharded_launch
+    from .train.sharding import refuse_sharded_launch
 
     d = preflight.config.data
     problems = []

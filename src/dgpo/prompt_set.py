@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from .diversity import group_diversity
-from .evaluation import generate
 from .evaluators import PROMPT_SET, EvalResult, Evaluator, GridSelection, register_evaluator
+from .generation import generate
 from .models.common import check_prompt_lengths
 from .rewards import REWARD_CATEGORIES, category_means, combine_rewards, get_reward, mean_over_categories, mean_score, score_batch
-from .rollout import SamplerSettings
+from .sampler_settings import SamplerSettings
 from .train.data import Prompt, PromptSource
 
 GRID_PROMPTS = 8

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..evaluation import generate
 from ..evaluators import EvalResult, Evaluator, GridSelection, register_evaluator
+from ..generation import generate
 from ..models.base import FlowModelAdapter
-from ..rollout import SamplerSettings
+from ..sampler_settings import SamplerSettings
 from .metrics import artifact_score, group_diversity
 from .prompts import CATEGORIES, PromptSpec, scene_for_spec, test_set, test_specs
 from .verifier import FAILURE_KINDS, failure_kind, verify

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -34,24 +33,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from ..evaluators import NONE, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
 from .checkpoint import latest_good_checkpoint  # noqa: E402
+from .compare_budget import Budget  # noqa: E402
 from .config import ConfigError, config_from_dict, load_config  # noqa: E402
 from .run import run_training  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Budget:
-    steps: int
-    seconds: float = 0.0
-    forwards: float = 0.0
-    eval_every: int = 10
-    eval_images_per_category: int = 24
-    seeds: int = 1
-    final_eval_images_per_category: int = 0  # 0: as eval_images_per_category
-    save_every: int = 0  # checkpoint every N steps (0: only when stopped), so that --reuse resumes an interrupted run
-
-    @property
-    def final_images(self) -> int:
-        return self.final_eval_images_per_category or self.eval_images_per_category
 
 
 def parse_recipe(text: str) -> tuple[str, Path]:

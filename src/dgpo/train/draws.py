@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import flow_sigmas, sde_window_starts, sde_window_steps
+from ..sampling import sde_window_starts, sde_window_steps
 from ..seeding import keyed_generator, keyed_randn, keyed_uniform
 from .sections import LossConfig, RolloutConfig
 
@@ -17,7 +17,7 @@ class Draws:
     def __init__(self, seed: int, rollout: RolloutConfig, loss: LossConfig, max_steps: int, latent_shape: tuple[int, ...], device=None):
         self.seed, self.rollout, self.loss, self.max_steps = seed, rollout, loss, max_steps
         self.latent_shape, self.device = tuple(latent_shape), device
-        self.sigmas = flow_sigmas(rollout.num_steps, rollout.shift, device=device)
+        self.sigmas = rollout.sampler_settings.sigmas(device)
         """The rollout grid, num_steps + 1 sigmas decreasing to 0."""
 
     def sample_keys(self, purpose: str, step: int, ids, *extra: object) -> list[tuple]:

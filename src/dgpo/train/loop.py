@@ -6,38 +6,26 @@ needs no random generator state). Gradients of the trainable parameters are summ
 explicitly after the micro-steps (``collectives.py``), or with model.sharding=fsdp2 by FSDP2's reduce-scatter
 in the backward (``sharding.py``), so the loss normalisation is global. The parts: ``policy.py`` (weights, reference,
 prompt embeddings), ``prompt_sampling.py`` (which prompts a step draws), ``rollouts.py`` (sampling), ``scoring.py``
-(rewards and their failure policy), ``algorithms.py`` (the losses), ``state.py`` (counters and the run state), ``metrics_log.py``.
+(rewards and their failure policy), ``algorithms.py`` (the losses), ``state.py`` (counters and the run state), ``metrics_log.py``,
+``training_checkpoint.py`` (what a checkpoint saves and resume loads).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import parse_flag_from_env
 
-from ..errors import UserError
 from ..models import load_model
 from ..models.base import index_embeddings
 from ..models.common import check_prompt_lengths
 from ..rewards import get_reward
 from .algorithms import UpdateContext, get_advantage, get_algorithm
-from .checkpoint import (
-    CheckpointError,
-    commit_checkpoint,
-    latest_good_checkpoint,
-    load_checkpoint,
-    load_state,
-    save_checkpoint,
-    start_checkpoint,
-    write_state,
-)
+from .checkpoint import latest_good_checkpoint
 from .collectives import Collectives
 from .config import Config, save_config
 from .data import GroupLayout, PromptSource
@@ -47,33 +35,15 @@ from .metrics_log import BudgetBar, MetricsLog
 from .optim import learning_rate, optimizer_class
 from .policy import Policy
 from .prompt_sampling import PROMPT_SAMPLERS, category_of, informative_groups, sampling_metrics
-from .rollouts import Rollout, Rollouts
+from .rollouts import Rollout, Rollouts, rollout_autocast
 from .scoring import RewardFailure, Scorer, rewards_by_category
-from .sharding import SHARDED_FOLDER, SHARDINGS, clip_grad_norm, load_sharded, save_sharded
+from .sharding import SHARDINGS, clip_grad_norm, refuse_sharded_launch
 from .state import RunState, StepCounters
+from .training_checkpoint import load_training_checkpoint, save_training_checkpoint
 
-__all__ = ["PREEMPTED_EXIT_CODE", "RewardFailure", "Rollout", "Trainer", "refuse_sharded_launch"]
+__all__ = ["PREEMPTED_EXIT_CODE", "RewardFailure", "Rollout", "Trainer"]
 
 PREEMPTED_EXIT_CODE = 75
-
-
-def refuse_sharded_launch() -> None:
-    """The trainer never hands its model to ``accelerator.prepare``, so under an FSDP or DeepSpeed launch config
-    (``accelerate launch`` sets these flags from its distributed_type) it would train unsharded without a word: refuse,
-    naming the trainer's own sharding (model.sharding: fsdp2, ``sharding.py``)."""
-    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
-        if parse_flag_from_env(flag):
-            raise UserError(f"the accelerate launch config asks for {name}, which dgpo does not take from accelerate (it would train "
-                            "unsharded); launch with a MULTI_GPU config such as configs/accelerate/multi_gpu.yaml and set "
-                            "model.sharding: fsdp2 to shard the model")
-
-
-def rollout_autocast(mixed_precision: str, accelerator: Accelerator) -> Callable[[], contextlib.AbstractContextManager]:
-    """The autocast rollouts sample under: the accelerator's (model.mixed_precision) or rollout.mixed_precision's own."""
-    if mixed_precision == "model":
-        return accelerator.autocast
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    return lambda: torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None)
 
 
 class Trainer:
@@ -113,12 +83,6 @@ class Trainer:
         self.state = RunState.from_config(config.loss.kl_beta)
         self.metrics_log = MetricsLog(self.output, config, self.acc.is_main_process)
         self._stop_requested = False
-        # Views kept for callers of the one-class trainer (tests, probes).
-        p, dr = self.policy, self.draws
-        self.model, self.trainable, self.rollout_ema, self.eval_ema = p.model, p.trainable, p.rollout_ema, p.eval_ema
-        self._embed, self._embedding_cache, self.reference_model = p.embed, p.embedding_cache, p.reference
-        self.training_sigmas, self.shared_grid_points, self.trajectory_steps = dr.training_sigmas, dr.shared_grid_points, dr.trajectory_steps
-        self.sde_window_starts, self.rollout_sigmas = dr.sde_window_starts, lambda: dr.sigmas
 
     def count_forwards(self, local_forwards: float) -> None:
         """Add model forward-equivalents done on this process (a backward counts as two forwards)."""
@@ -227,22 +191,12 @@ class Trainer:
         return self.output / "checkpoints"
 
     def save(self) -> Path | None:
-        """Checkpoint the step (every process calls it). Unsharded the main process writes whole tensors; sharded
-        every process writes its shards into the main process's temporary folder, which the main process commits."""
-        c, p = self.counters, self.policy
+        """Checkpoint the step (every process calls it; ``training_checkpoint.py``)."""
+        c = self.counters
         state = {"step": c.step, "forward_equivalents": c.forward_equivalents, "elapsed_seconds": c.elapsed_seconds, "history": c.history,
                  "config": self.config.to_dict(), "run_state": self.state.state_dict(), "prompt_sampler": self.prompt_sampler.state_dict()}
-        main, keep = self.acc.is_main_process, self.config.run.keep_checkpoints
-        path = None
-        if self.sharding.sharded:
-            tmp = self.collectives.broadcast(start_checkpoint(self.checkpoint_dir, c.step) if main else None)
-            save_sharded(tmp / SHARDED_FOLDER, p.model.transformer, self.optimizer, self._emas())
-            if main:
-                write_state(tmp, state)
-                path = commit_checkpoint(self.checkpoint_dir, c.step, tmp, keep)
-        elif main:
-            tensors = {"trainable": dict(p.trainable), **{name: ema.state_dict() for name, ema in self._emas().items()}}
-            path = save_checkpoint(self.checkpoint_dir, c.step, tensors, self.optimizer.state_dict(), state, keep)
+        path = save_training_checkpoint(self.checkpoint_dir, c.step, state, self.policy, self.optimizer, self._emas(), self.sharding.sharded,
+                                        self.collectives, self.acc.is_main_process, self.config.run.keep_checkpoints)
         self.acc.wait_for_everyone()
         return path
 
@@ -255,22 +209,7 @@ class Trainer:
         if path is None:
             self.log(f"no checkpoint in {self.checkpoint_dir}; starting from step 0")
             return False
-        p = self.policy
-        written_sharded = (path / SHARDED_FOLDER).is_dir()
-        if written_sharded != self.sharding.sharded:
-            raise CheckpointError(f"checkpoint {path} was written with model.sharding={'fsdp2' if written_sharded else 'none'}; "
-                                  f"resume it with that setting (this run has model.sharding={self.config.model.sharding})")
-        if self.sharding.sharded:
-            state = load_state(path)
-            load_sharded(path / SHARDED_FOLDER, p.model.transformer, self.optimizer, self._emas())
-        else:
-            tensors, optimizer_state, state = load_checkpoint(path)
-            with torch.no_grad():
-                for name, param in p.trainable:
-                    param.copy_(tensors["trainable"][name].to(param.device, param.dtype))
-            for name, ema in self._emas().items():
-                ema.load_state_dict(tensors[name])
-            self.optimizer.load_state_dict(optimizer_state)
+        state = load_training_checkpoint(path, self.policy, self.optimizer, self._emas(), self.sharding.sharded, self.config.model.sharding)
         self.counters = StepCounters(state["step"], state["forward_equivalents"], state["elapsed_seconds"], state["history"])
         # Checkpoints written before RunState kept only the KL weights, at the top level.
         self.state.load_state_dict(state.get("run_state", {"kl_beta": state.get("kl_beta")}), log=self.log)

@@ -13,7 +13,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..evaluation import SamplerSettings, save_grid, velocity_drift  # noqa: E402
+from ..drift import velocity_drift  # noqa: E402
 from ..evaluators import (  # noqa: E402
     NONE,
     EvalResult,
@@ -25,20 +25,13 @@ from ..evaluators import (  # noqa: E402
     resolve_evaluator,
     scores_of,
 )
+from ..image_grid import save_grid  # noqa: E402
 from .algorithms import get_algorithm  # noqa: E402
 from .config import Config  # noqa: E402
 from .ema import eval_ema_updates  # noqa: E402
 from .loop import Trainer  # noqa: E402
 
 DRIFT_IMAGES = 64
-
-
-def eval_settings(config: Config) -> SamplerSettings:
-    e = config.eval
-    return SamplerSettings(e.sampler, e.num_steps, e.shift, e.guidance_scale)
-
-
-LOWER_IS_BETTER = frozenset({"artifact"})
 
 
 def build_evaluator(trainer: Trainer, log=print) -> Evaluator | None:
@@ -86,7 +79,7 @@ def evaluate(trainer: Trainer, evaluator: Evaluator, images_per_category: int, g
     policy = trainer.policy
     swap = policy.eval_ema.swapped_in() if policy.eval_ema is not None else contextlib.nullcontext()
     with swap:
-        result: EvalResult = evaluator.evaluate(policy.model, eval_settings(trainer.config), images_per_category, seed=0)
+        result: EvalResult = evaluator.evaluate(policy.model, trainer.config.eval.sampler_settings, images_per_category, seed=0)
         images, texts = result.images, result.prompts
         spread = torch.linspace(0, len(texts) - 1, min(DRIFT_IMAGES, len(texts))).round().long()
         drift = evaluation_drift(trainer, images[spread], [texts[i] for i in spread.tolist()])
@@ -125,8 +118,9 @@ def distinct_digits(a: float, b: float, least: int = 4) -> tuple[str, str]:
     return shown
 
 
-def guard_tripped(before: dict, now: dict, name: str, max_drop: float, lower_is_better: frozenset[str] = LOWER_IS_BETTER) -> bool:
-    """True when metric ``name`` is worse than at step 0 by more than ``max_drop`` of its step-0 value."""
+def guard_tripped(before: dict, now: dict, name: str, max_drop: float, lower_is_better: frozenset[str]) -> bool:
+    """True when metric ``name`` is worse than at step 0 by more than ``max_drop`` of its step-0 value (``lower_is_better``:
+    the evaluator's metrics where lower is better; an ``eval.metrics`` reward is always higher-is-better)."""
     start, current = guard_metric_value(before, name), guard_metric_value(now, name)
     lower = name in lower_is_better and name not in now.get("metrics", {})
     worsening = (current - start) if lower else (start - current)
@@ -135,11 +129,12 @@ def guard_tripped(before: dict, now: dict, name: str, max_drop: float, lower_is_
 
 def apply_guard(trainer: Trainer, before: dict, now: dict, log, lower_is_better: frozenset[str] | None = None) -> None:
     """Stop the run or raise its KL weight (``trainer.state``, a ``RunState``) when the guard metric got worse.
-    ``lower_is_better``: the evaluator's metrics where lower is better (default: that of the evaluator that wrote ``now``)."""
+    ``lower_is_better``: the evaluator's metrics where lower is better (default: that of the evaluator that wrote ``now``,
+    none when it is not registered)."""
     e = trainer.config.eval
     if lower_is_better is None:
         cls = evaluator_of(now)
-        lower_is_better = cls.lower_is_better if cls is not None else LOWER_IS_BETTER
+        lower_is_better = cls.lower_is_better if cls is not None else frozenset()
     if not e.guard_metric or not guard_tripped(before, now, e.guard_metric, e.guard_max_drop, lower_is_better):
         return
     start, value = distinct_digits(guard_metric_value(before, e.guard_metric), guard_metric_value(now, e.guard_metric))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import FrozenInstanceError, dataclass, field
 
+from ..sampler_settings import SamplerSettings
+
 
 class Freezable:
     """A dataclass whose fields cannot be reassigned once ``freeze`` has run (``Config.validate`` freezes
@@ -70,15 +72,15 @@ class DataConfig(Freezable):
 @dataclass
 class RolloutConfig(Freezable):
     sampler: str = _help("rollout sampler (registered, dgpo.sampling): dpm2m (Flow-DPM-Solver ODE), euler (ODE) or sde (Flow-GRPO's SDE)",
-                         default="dpm2m")
-    num_steps: int = _help("solver steps per rollout", default=10)
-    shift: float = _help("SD3 time shift of the sigma schedule", default=3.0)
-    guidance_scale: float = _help("CFG scale during rollouts (1 = no CFG; paper mode 1: 4.5)", default=4.5)
+                         default=SamplerSettings.sampler)
+    num_steps: int = _help("solver steps per rollout", default=SamplerSettings.num_steps)
+    shift: float = _help("SD3 time shift of the sigma schedule", default=SamplerSettings.shift)
+    guidance_scale: float = _help("CFG scale during rollouts (1 = no CFG; paper mode 1: 4.5)", default=SamplerSettings.guidance_scale)
     ema_after: int = _help("use an EMA of the policy as rollout model after this many steps (-1: never; paper 200)", default=200)
     ema_decay: float = _help("decay of the rollout EMA (paper 0.3); also the 'old' model of loss.ppo_clip_eps", default=0.3)
     ema_ramp: float = _help("the rollout EMA's decay after step k (0-based) is min(ema_decay, ema_ramp * k), as in the reference "
                             "code (0.001: it follows the policy at first, full decay from step 300); 0 = ema_decay throughout", default=0.001)
-    noise_level: float = _help("sde sampler: a in sigma_t = a * sqrt(t / (1 - t)) (Flow-GRPO 0.7)", default=0.7)
+    noise_level: float = _help("sde sampler: a in sigma_t = a * sqrt(t / (1 - t)) (Flow-GRPO 0.7)", default=SamplerSettings.noise_level)
     mixed_precision: str = _help("autocast of the rollouts' forwards: model (= model.mixed_precision), no, fp16 or bf16. bf16 here with "
                                  "model.mixed_precision no samples in bfloat16 and trains in float32: on a CPU with AMX bfloat16 speeds up "
                                  "the sampling forwards (the ShapesEval recipe's rollouts by 18%) but not the backward", default="model")
@@ -88,6 +90,11 @@ class RolloutConfig(Freezable):
                             "following the ODE (Euler); flow_grpo then trains loss.timesteps of the window's steps (0 = SDE at every step)", default=0)
     sde_window_range: tuple[int, int] = _help("sde_window: each sample's window starts at a keyed uniform integer in [lo, hi - sde_window] "
                                               "(Flow-GRPO-Fast: (0, num_steps // 2))", default=(0, 5))
+
+    @property
+    def sampler_settings(self) -> SamplerSettings:
+        """The rollouts' sampler, grid and CFG as one value (``SamplerSettings.of``)."""
+        return SamplerSettings.of(self)
 
 
 @dataclass
@@ -183,10 +190,15 @@ class EvalConfig(Freezable):
     guard_max_drop: float = _help("guard trips when the metric is worse than at step 0 by more than this fraction of its step-0 value", default=0.1)
     guard_action: str = _help("when the guard trips: stop (end the run, evaluated and reported) or raise_kl (double the KL weight "
                               "loss.kl_beta; 0.01 when it is 0)", default="stop")
-    sampler: str = _help("ODE solver for evaluation: dpm2m or euler (deterministic; not the SDE)", default="dpm2m")
-    num_steps: int = _help("solver steps for evaluation", default=10)
-    shift: float = _help("time shift for evaluation", default=3.0)
-    guidance_scale: float = _help("CFG scale for evaluation", default=4.5)
+    sampler: str = _help("ODE solver for evaluation: dpm2m or euler (deterministic; not the SDE)", default=SamplerSettings.sampler)
+    num_steps: int = _help("solver steps for evaluation", default=SamplerSettings.num_steps)
+    shift: float = _help("time shift for evaluation", default=SamplerSettings.shift)
+    guidance_scale: float = _help("CFG scale for evaluation", default=SamplerSettings.guidance_scale)
+
+    @property
+    def sampler_settings(self) -> SamplerSettings:
+        """The evaluation's solver, grid and CFG as one value (``SamplerSettings.of``)."""
+        return SamplerSettings.of(self)
 
 
 @dataclass

@@ -20,15 +20,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from accelerate.utils import parse_flag_from_env
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..errors import UserError
 from ..registry import Registry
 
 __all__ = ["SHARDINGS", "Sharding", "clip_grad_norm", "full_trainable_state", "load_sharded", "local_bytes", "process_mesh",
-           "save_sharded", "shard_transformer"]
+           "refuse_sharded_launch", "save_sharded", "shard_transformer"]
+
+
+def refuse_sharded_launch() -> None:
+    """The trainer never hands its model to ``accelerator.prepare``, so under an FSDP or DeepSpeed launch config
+    (``accelerate launch`` sets these flags from its distributed_type) it would train unsharded without a word: refuse,
+    naming the trainer's own sharding (model.sharding: fsdp2, ``sharding.py``)."""
+    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if parse_flag_from_env(flag):
+            raise UserError(f"the accelerate launch config asks for {name}, which dgpo does not take from accelerate (it would train "
+                            "unsharded); launch with a MULTI_GPU config such as configs/accelerate/multi_gpu.yaml and set "
+                            "model.sharding: fsdp2 to shard the model")
 
 
 def process_mesh(device: torch.device) -> DeviceMesh:
