@@ -1,19 +1,9 @@
 """benchmarks/gpu_sd35m_step.py times the trainer's own rollout and update: its code path runs on the tiny model."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_benchmark(name: str = "gpu_sd35m_step"):
-    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_gpu_step_benchmark_runs_the_trainer_on_the_tiny_model(tmp_path):

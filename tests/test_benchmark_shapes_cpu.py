@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from test_benchmark_gpu_step import load_benchmark
+from helpers import load_benchmark
 
 from dgpo.train.config import load_config, save_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import FLOW_GRPO, _run_processes, tiny_overrides, trainable_state
+from helpers import FLOW_GRPO, tiny_overrides, train_on_processes, trainable_state
 
 from dgpo.losses import awm_loss, awm_matching_loss, diffusion_nft_loss, nft_optimality, per_sample_mse
 from dgpo.sampling import euler_sample, flow_sigmas, sde_sample, sde_step, sde_window_starts, sde_window_steps
@@ -321,8 +321,8 @@ def test_new_algorithms_resume_exactly(tiny_model_dir, tmp_path, variant):
 @pytest.mark.parametrize("variant", [NFT, AWM, FAST], ids=["diffusionnft", "awm", "flow-grpo-fast"])
 def test_new_algorithms_two_processes_match_one_process(tiny_model_dir, tmp_path, variant):
     reward = {"reward.weights": {"test_brightness": 1.0}}
-    one, _ = _run_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{**variant, "data.micro_batch": 4, **reward}), tmp_path / "one")
-    two, _ = _run_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{**variant, "data.micro_batch": 2, **reward}), tmp_path / "two")
+    one, _ = train_on_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{**variant, "data.micro_batch": 4, **reward}), tmp_path / "one")
+    two, _ = train_on_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{**variant, "data.micro_batch": 2, **reward}), tmp_path / "two")
     assert [h["reward_mean"] for h in one["history"]] == pytest.approx([h["reward_mean"] for h in two["history"]], abs=1e-6)
     for name, value in one["params"].items():
         # Adam normalises each element's step, so near-zero gradients turn last-bit differences into ~1e-6 ones.
