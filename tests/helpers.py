@@ -49,7 +49,7 @@ from dgpo.train.sharding import local_bytes
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 
-# ----- tiny recipes and runs --------------------------------------------------------------------------------------------
+# ----- tiny recipes and runs ------------------------------------------------------------------------------------------
 
 
 def tiny_overrides(model_dir, output_dir, **extra) -> list[str]:
@@ -157,7 +157,7 @@ def train_on_processes(nproc: int, overrides: list[str], out: Path) -> tuple[dic
     return torch.load(out / "state.pt"), json.loads((out / "sums.json").read_text())
 
 
-# ----- `dgpo train` in a subprocess, with a test reward that can be slowed or fail --------------------------------------
+# ----- `dgpo train` in a subprocess, with a test reward that can be slowed or fail ------------------------------------
 
 TINY_RECIPE_STEPS = 4  # the steps of write_recipe's recipe
 
@@ -210,7 +210,7 @@ def start_training(tmp_path: Path, recipe: Path, out: Path, *extra: str, delay: 
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-# ----- tiny diffusers pipelines (random configs, character-level tokenizers, no downloads) ------------------------------
+# ----- tiny diffusers pipelines (random configs, character-level tokenizers, no downloads) ----------------------------
 
 RESOLUTION = 32  # the image side the tiny pipelines are trained at
 CHARACTERS = [chr(c) for c in range(33, 127)]
@@ -307,18 +307,18 @@ def save_tiny(build, root: Path) -> Path:
     return root / "pipeline"
 
 
-# ----- benchmark scripts ------------------------------------------------------------------------------------------------
+# ----- benchmark and probe scripts ------------------------------------------------------------------------------------
 
 
 def load_benchmark(name: str = "gpu_sd35m_step"):
-    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    """A script of benchmarks/ as a module, ``name`` its path under benchmarks/ without ".py" (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(Path(name).name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-# ----- sharded training: what the comparisons look at -------------------------------------------------------------------
+# ----- sharded training: what the comparisons look at -----------------------------------------------------------------
 
 
 def whole_state(trainer: Trainer) -> dict:
@@ -341,7 +341,7 @@ def held_bytes(trainer: Trainer) -> tuple[int, int]:
     return param_bytes, optimizer_bytes
 
 
-# ----- reading a source tree's imports (tests/test_import_graph.py, tests/test_plugins.py) ------------------------------
+# ----- reading a source tree's imports (tests/test_import_graph.py, tests/test_plugins.py) ----------------------------
 
 
 def module_names(src: Path, package: str) -> dict[str, Path]:
@@ -380,7 +380,7 @@ def absolute_origin(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join([*base, node.module] if node.module else base)
 
 
-# ----- test rewards, registered on import -------------------------------------------------------------------------------
+# ----- test rewards, registered on import -----------------------------------------------------------------------------
 
 
 @register_reward("test_brightness")
