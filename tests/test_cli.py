@@ -6,25 +6,12 @@ import sys
 
 import pytest
 import torch.distributed as dist
-import yaml
-from test_train import tiny_overrides
+from helpers import tiny_recipe_file
 
 from dgpo import cli
 from dgpo.cli import main
 from dgpo.errors import UserError
 from dgpo.rewards import REWARDS
-
-
-def _recipe(tmp_path, model_dir, out, **extra) -> str:
-    """The tiny test recipe as a YAML file (nested sections), as a user would write it."""
-    nested: dict = {}
-    for item in tiny_overrides(model_dir, out, **extra):
-        key, value = item.split("=", 1)
-        section, field = key.split(".")
-        nested.setdefault(section, {})[field] = yaml.safe_load(value)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(nested))
-    return str(path)
 
 
 def _run_files(out) -> dict[str, bytes]:
@@ -33,7 +20,7 @@ def _run_files(out) -> dict[str, bytes]:
 
 def test_a_new_run_refuses_a_directory_holding_a_run_and_overwrite_replaces_it(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    recipe = _recipe(tmp_path, tiny_model_dir, out, **{"run.max_steps": 2})
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, out, **{"run.max_steps": 2})
     assert main(["train", recipe]) == 0
     before = _run_files(out)
     capsys.readouterr()
@@ -66,7 +53,7 @@ def test_a_reward_from_an_imported_module_trains_through_the_cli(tiny_model_dir,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     out = tmp_path / "run"
-    recipe = _recipe(tmp_path, tiny_model_dir, out, **{"reward.weights": {"plugin_brightness": 1.0}, "run.max_steps": 1})
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, out, **{"reward.weights": {"plugin_brightness": 1.0}, "run.max_steps": 1})
     try:
         assert main(["train", recipe]) == 2
         assert "plugin_brightness" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from helpers import tiny_dgpo_recipe
 
 from dgpo.cli import main
 from dgpo.evaluators import get_evaluator
@@ -71,19 +72,6 @@ def test_seeds_average_and_a_recipe_short_of_the_threshold_gives_a_lower_bound()
     assert 200 / 60 <= low < 5.0 < high <= 300 / 40  # the extremes of resampling
     # Swapped roles: the baseline falls short, so the other recipe's ratio is an upper bound.
     assert summarize(curves, [0.5], "flow_grpo", confirmations=0)["recipes"]["dgpo"]["thresholds"]["0.5"]["ratio"]["bound"] == "upper"
-
-
-def tiny_dgpo_recipe(model_dir, folder):
-    recipe = folder / "dgpo.yaml"
-    recipe.write_text(
-        f"model: {{path: {model_dir}, lora_rank: 4}}\n"
-        "data: {group_size: 4, groups_per_step: 2, micro_batch: 4}\n"
-        "rollout: {num_steps: 2, ema_after: -1}\n"
-        "reward: {weights: {shapes_partial: 1.0}}\n"
-        "loss: {grid_points: 2}\n"
-        "run: {tensorboard: false, threads: 1}\n"
-    )
-    return recipe
 
 
 def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):

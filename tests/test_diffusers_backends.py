@@ -3,133 +3,23 @@ components, local character-level tokenizers, no downloads): the adapter contrac
 end, the exported LoRA loading into a fresh pipeline with ``load_lora_weights``, and ``dgpo merge-lora``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import diffusers
 import pytest
 import torch
 from diffusers import (
-    AutoencoderDC,
-    AutoencoderKL,
     DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SanaPipeline,
-    SanaTransformer2DModel,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from helpers import BUILDERS, RESOLUTION, build_sana, build_sd3, save_tiny
 from peft import LoraConfig
-from tokenizers import Tokenizer, models
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    Gemma2Config,
-    Gemma2Model,
-    GemmaTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
 
 from dgpo.cli import main
 from dgpo.models import load_model
 from dgpo.models.sana import pipeline_complex_human_instruction
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
-
-RESOLUTION = 32
-CHARACTERS = [chr(c) for c in range(33, 127)]
-
-
-def character_clip_tokenizer(directory: Path) -> CLIPTokenizer:
-    """CLIP's BPE tokenizer with no merges: every character is a token (the real class, a tiny vocabulary)."""
-    tokens = ["<|startoftext|>", "<|endoftext|>", *CHARACTERS, *(c + "</w>" for c in CHARACTERS)]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
-
-
-def character_t5_tokenizer() -> T5TokenizerFast:
-    """T5's fast tokenizer over a Unigram model whose pieces are single characters."""
-    pieces = ["<pad>", "</s>", "<unk>", *CHARACTERS]
-    return T5TokenizerFast(tokenizer_object=Tokenizer(models.Unigram([(p, 0.0) for p in pieces], unk_id=2)),
-                           pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0, model_max_length=32)
-
-
-def tiny_vae(latent_channels: int) -> AutoencoderKL:
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         block_out_channels=(4, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1,
-                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
-
-
-def clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                          num_hidden_layers=2, vocab_size=len(tokenizer), projection_dim=32)
-
-
-def build_sd3(root: Path, with_t5: bool = False) -> StableDiffusion3Pipeline:
-    """Without T5 (SD3 then feeds zeros in its place), or with a tiny one as in the released checkpoints."""
-    tokenizer = character_clip_tokenizer(root / "clip-tokenizer")
-    t5_tokenizer = character_t5_tokenizer() if with_t5 else None
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4)) if with_t5 else None
-    return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-                                          caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4),
-        vae=tiny_vae(4),
-        text_encoder=CLIPTextModelWithProjection(clip_config(tokenizer)), text_encoder_2=CLIPTextModelWithProjection(clip_config(tokenizer)),
-        text_encoder_3=t5, tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=t5_tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
-
-
-def build_flux(root: Path) -> FluxPipeline:
-    tokenizer, t5_tokenizer = character_clip_tokenizer(root / "clip-tokenizer"), character_t5_tokenizer()
-    return FluxPipeline(
-        transformer=FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                           joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True),
-        vae=tiny_vae(1),
-        text_encoder=CLIPTextModel(clip_config(tokenizer)),
-        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)),
-        tokenizer=tokenizer, tokenizer_2=t5_tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(),
-    )
-
-
-def character_gemma_tokenizer() -> GemmaTokenizer:
-    """Gemma's BPE tokenizer with no merges over single characters ("▁" is the space), adding <bos> as Gemma does."""
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁", *CHARACTERS]
-    return GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, add_bos_token=True)
-
-
-def build_sana(root: Path) -> SanaPipeline:
-    """The components of diffusers' own SANA fast test, with a vocabulary that covers the prompts."""
-    tokenizer = character_gemma_tokenizer()
-    return SanaPipeline(
-        transformer=SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
-                                           num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8, sample_size=16),
-        vae=AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
-                          decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                          encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
-                          decoder_layers_per_block=(1, 1), downsample_block_type="conv", upsample_block_type="interpolate",
-                          decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407),
-        text_encoder=Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
-                                              num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                                              attn_implementation="eager")),
-        tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
-
-
-BUILDERS = {"sd3": build_sd3, "flux": build_flux, "sana": build_sana}
-
-
-def save_tiny(build, root: Path) -> Path:
-    torch.manual_seed(0)
-    build(root).save_pretrained(root / "pipeline")
-    return root / "pipeline"
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

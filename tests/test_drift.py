@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train import tiny_overrides
+from helpers import tiny_overrides
 
 from dgpo.drift import velocity_drift
 from dgpo.train.config import load_config

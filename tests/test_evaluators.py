@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from test_train import tiny_overrides
+from helpers import tiny_overrides
 
 from dgpo.evaluators import EVALUATORS, EvalResult, Evaluator, GridSelection, register_evaluator, resolve_evaluator
 from dgpo.generation import generate

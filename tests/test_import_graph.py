@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from source_imports import absolute_origin, imports_of, module_names
+from helpers import absolute_origin, imports_of, module_names
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 import torch
-from test_diffusers_backends import BUILDERS, RESOLUTION, build_sd3, save_tiny
-from test_train import tiny_overrides, trainable_state
+from helpers import BUILDERS, RESOLUTION, build_sd3, save_tiny, tiny_overrides, trainable_state
 
 from dgpo.cli import main
 from dgpo.models import load_model

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from source_imports import absolute_origin, imports_of, module_names
+from helpers import absolute_origin, imports_of, module_names
 
 from dgpo.cli import main
 from dgpo.commands import COMMANDS, register_command

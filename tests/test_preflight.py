@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_diffusers_backends import build_sd3, save_tiny
+from helpers import build_sd3, save_tiny
 
 from dgpo.cli import main
 from dgpo.models import describe_model

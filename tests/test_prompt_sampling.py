@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import tiny_overrides
+from helpers import tiny_overrides
 
-from dgpo.rewards import register_reward
 from dgpo.train.config import ConfigError, load_config
 from dgpo.train.data import Prompt, PromptSource
 from dgpo.train.loop import Trainer
@@ -146,16 +145,6 @@ def test_bad_prompt_sampling_settings_are_one_line_errors(overrides, message):
 # ----------------------------------------------------------------------------- tiny training runs
 
 
-@register_reward("test_flat_category")
-def _flat_category():
-    """Equal rewards for every image of a 'flat' prompt (a saturated category), the brightness otherwise."""
-    def reward(images, prompts, metadata):
-        brightness = images.mean(dim=(1, 2, 3)).tolist()
-        return [0.5 if m.get("category") == "flat" else b for m, b in zip(metadata, brightness)]
-
-    return reward
-
-
 @register_prompt_sampler("test_varied_only")
 class VariedOnly(PromptSampler):
     """A sampler from outside the package: only the 'varied' prompts, in order."""
@@ -221,7 +210,7 @@ def test_a_resumed_run_draws_what_an_uninterrupted_one_does(straight, tiny_model
 TWO_PROCESS_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[3])
-import test_prompt_sampling  # registers the test reward
+import helpers  # registers the test reward
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
 

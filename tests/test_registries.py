@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import tiny_overrides
+from helpers import tiny_overrides
 
 from dgpo.losses import per_sample_mse
 from dgpo.sampling import SAMPLER_REGISTRY, SAMPLERS

@@ -6,7 +6,6 @@ bit-identical weights, EMAs and logged rewards to an uninterrupted run of the sa
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,58 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_RECIPE_STEPS, start_training, write_recipe
 
 from dgpo.cli import main
 from dgpo.train.checkpoint import load_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 4
-
-# A jpeg reward that can be slowed (so a signal lands mid-run) or made to fail on one rank.
-RUNNER = """
-import os, sys, time
-from dgpo.rewards import get_reward, register_reward
-
-@register_reward("test_jpeg")
-def test_jpeg():
-    inner = get_reward("jpeg_incompressibility")
-    calls = {"n": 0}
-    def score(images, prompts, metadata):
-        calls["n"] += 1
-        time.sleep(float(os.environ.get("TEST_REWARD_DELAY", "0")))
-        # The test that sets TEST_FAIL_RANK runs two micro-batches (two calls) per step on each rank: fail in step 2.
-        if os.environ.get("TEST_FAIL_RANK") == os.environ.get("RANK", "0") and calls["n"] == 3:
-            raise OSError("scorer lost its weights")
-        return inner(images, prompts, metadata)
-    return score
-
-from dgpo.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def write_recipe(tmp_path: Path, model_dir: Path, reward: str = "test_jpeg") -> Path:
-    """A tiny recipe; the default reward is registered by RUNNER, so in-process runs name a built-in one."""
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(
-        f"model: {{path: {model_dir}, lora_rank: 4}}\n"
-        "data: {group_size: 4, groups_per_step: 2, micro_batch: 4}\n"
-        "rollout: {num_steps: 2, ema_after: 2}\n"
-        f"reward: {{weights: {{{reward}: 1.0}}}}\n"
-        "loss: {grid_points: 2, kl_beta: 0.01}\n"
-        "eval: {ema_decay: 0.5, final_images_per_category: 1}\n"
-        f"run: {{max_steps: {STEPS}, save_every: 1, keep_checkpoints: 2, tensorboard: false, threads: 1}}\n"
-    )
-    (tmp_path / "runner.py").write_text(RUNNER)
-    return recipe
-
-
-def start(tmp_path: Path, recipe: Path, out: Path, *extra: str, delay: float = 0.0, nproc: int = 1, fail_rank: str = "") -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "TEST_REWARD_DELAY": str(delay), "TEST_FAIL_RANK": fail_rank}
-    port = str(29600 + os.getpid() % 1000)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port]
-    cmd = [*launcher, str(tmp_path / "runner.py"), "train", str(recipe), "--set", f"run.output_dir={out}", *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_checkpoint(out: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -86,7 +37,7 @@ def wait_for_first_step(out: Path, process: subprocess.Popen, timeout: float = 1
 
 
 def resume_and_compare(tmp_path: Path, recipe: Path, out: Path, expected: tuple[dict, list[float]]) -> str:
-    resumed = start(tmp_path, recipe, out, "--resume")
+    resumed = start_training(tmp_path, recipe, out, "--resume")
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output[-2000:]
     tensors, logged = final_state(out)
@@ -96,7 +47,7 @@ def resume_and_compare(tmp_path: Path, recipe: Path, out: Path, expected: tuple[
 
 
 def final_state(out: Path) -> tuple[dict, list[float]]:
-    tensors, _, state = load_checkpoint(out / "checkpoints" / f"step-{STEPS:08d}")
+    tensors, _, state = load_checkpoint(out / "checkpoints" / f"step-{TINY_RECIPE_STEPS:08d}")
     logged = [json.loads(line)["reward_mean"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == [h["reward_mean"] for h in state["history"]]
     return tensors, logged
@@ -114,7 +65,7 @@ def assert_identical(a: dict, b: dict) -> None:
 def uninterrupted(tiny_model_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("straight")
     recipe = write_recipe(tmp_path, tiny_model_dir)
-    process = start(tmp_path, recipe, tmp_path / "run")
+    process = start_training(tmp_path, recipe, tmp_path / "run")
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-2000:]
     return final_state(tmp_path / "run")
@@ -123,7 +74,7 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
 def test_sigkill_mid_run_then_resume_is_bit_identical(uninterrupted, tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
-    process = start(tmp_path, recipe, out, delay=0.4)
+    process = start_training(tmp_path, recipe, out, delay=0.4)
     wait_for_checkpoint(out, 2, process)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
@@ -137,21 +88,21 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(uninterrupted, tiny_model_
 def test_sigterm_checkpoints_exits_75_and_resumes_identically(uninterrupted, tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
-    process = start(tmp_path, recipe, out, "--set", "run.save_every=0", delay=0.4)
+    process = start_training(tmp_path, recipe, out, "--set", "run.save_every=0", delay=0.4)
     wait_for_first_step(out, process)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 75, output[-2000:]
     assert "resume with --resume" in output
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert len(saved) == 1 and saved[0] < f"step-{STEPS:08d}"
+    assert len(saved) == 1 and saved[0] < f"step-{TINY_RECIPE_STEPS:08d}"
     resume_and_compare(tmp_path, recipe, out, uninterrupted)
 
 
 def test_second_signal_exits_at_once(tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
-    process = start(tmp_path, recipe, out, "--set", "run.max_steps=50", delay=1.0)
+    process = start_training(tmp_path, recipe, out, "--set", "run.max_steps=50", delay=1.0)
     wait_for_first_step(out, process)
     process.send_signal(signal.SIGINT)
     time.sleep(0.2)
@@ -164,7 +115,7 @@ def test_second_signal_exits_at_once(tiny_model_dir, tmp_path):
 def test_reward_failing_on_one_rank_stops_every_rank_with_one_checkpoint(tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
-    process = start(tmp_path, recipe, out, "--set", "data.micro_batch=2", nproc=2, fail_rank="1")
+    process = start_training(tmp_path, recipe, out, "--set", "data.micro_batch=2", nproc=2, fail_rank="1")
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
     assert "test_jpeg" in output and "scorer lost its weights" in output
@@ -178,7 +129,7 @@ def test_guard_stop_on_the_main_process_stops_every_rank(tiny_model_dir, tmp_pat
     out = tmp_path / "run"
     guard = ["eval.every=1", "eval.images_per_category=1", "eval.metrics=[jpeg_compressibility]",
              "eval.guard_metric=jpeg_compressibility", "eval.guard_max_drop=1e-9", "run.max_steps=6", "data.micro_batch=2"]
-    process = start(tmp_path, recipe, out, *(arg for override in guard for arg in ("--set", override)), nproc=2)
+    process = start_training(tmp_path, recipe, out, *(arg for override in guard for arg in ("--set", override)), nproc=2)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-2000:]
     assert "guard: jpeg_compressibility" in output

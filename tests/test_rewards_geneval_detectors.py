@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_benchmark
 from PIL import Image
-from test_benchmark_gpu_step import load_benchmark
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
 from dgpo.errors import UserError

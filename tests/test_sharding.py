@@ -15,16 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import SD3Transformer2DModel
+from helpers import FLOW_GRPO, held_bytes, start_training, tiny_overrides, whole_state, write_recipe
 from safetensors.torch import load_file
-from test_reliability import start, write_recipe
-from test_train import FLOW_GRPO, tiny_overrides
-from torch.distributed.tensor import DTensor
 
 from dgpo.errors import UserError
-from dgpo.rewards import register_reward
 from dgpo.train.config import ConfigError, load_config
 from dgpo.train.loop import Trainer, refuse_sharded_launch
-from dgpo.train.sharding import local_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process tests run on Linux")
@@ -37,7 +33,7 @@ from dgpo.train.loop import Trainer
 
 jobs, out = json.loads(sys.argv[1]), sys.argv[2]
 sys.path.insert(0, sys.argv[3])
-from test_sharding import held_bytes, whole_state  # registers the test reward too
+from helpers import held_bytes, whole_state  # registers the test reward too
 
 results = {}
 for job in jobs:
@@ -65,12 +61,6 @@ VARIANTS = {
 REWARD = {"reward.weights": {"test_brightness": 1.0}}
 
 
-@register_reward("test_brightness")
-def _brightness():
-    """The launched script's reward, for the unsharded runs in this process."""
-    return lambda images, prompts, metadata: images.mean(dim=(1, 2, 3)).tolist()
-
-
 def launch(nproc: int, jobs: list[dict], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.py").write_text(SCRIPT)
@@ -90,26 +80,6 @@ def unsharded_run(model_dir, output_dir, variant: dict) -> tuple[Trainer, dict]:
     trainer = Trainer(load_config(None, tiny_overrides(model_dir, output_dir, **{"data.micro_batch": 4, **REWARD, **variant})), log=lambda *a: None)
     trainer.train()
     return trainer, whole_state(trainer)
-
-
-def whole_state(trainer: Trainer) -> dict:
-    """What the comparisons look at, as whole tensors (gathered from shards)."""
-    def whole(t):
-        return t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
-
-    p = trainer.policy
-    return {"params": {n: whole(t) for n, t in p.trainable},
-            **{name: {n: whole(s) for n, s in zip(ema.names, ema.shadow)} for name, ema in (("rollout_ema", p.rollout_ema), ("eval_ema", p.eval_ema))},
-            "history": [{k: h[k] for k in ("reward_mean", "grad_norm")} for h in trainer.counters.history]}
-
-
-def held_bytes(trainer: Trainer) -> tuple[int, int]:
-    """Bytes of transformer weights (the policy's and a full fine-tuning reference's) and of optimizer state this process holds."""
-    p = trainer.policy
-    transformers = [p.model.transformer] + ([p.reference_transformer] if p.reference_transformer is not None else [])
-    param_bytes = local_bytes(t for module in transformers for t in module.parameters())
-    optimizer_bytes = local_bytes(t for state in trainer.optimizer.state.values() for t in state.values() if t.dim() > 0)
-    return param_bytes, optimizer_bytes
 
 
 def assert_same_training(sharded_state: dict, expected: dict) -> None:
@@ -187,7 +157,7 @@ def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one(two_ranks, tiny_mo
 def test_a_rank_failing_mid_step_stops_both_with_one_sharded_checkpoint(tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
-    process = start(tmp_path, recipe, out, "--set", "data.micro_batch=2", "--set", "model.sharding=fsdp2", nproc=2, fail_rank="1")
+    process = start_training(tmp_path, recipe, out, "--set", "data.micro_batch=2", "--set", "model.sharding=fsdp2", nproc=2, fail_rank="1")
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
     assert "test_jpeg" in output and "scorer lost its weights" in output
@@ -199,7 +169,7 @@ def test_a_sharded_run_evaluates_on_every_rank_and_exports_the_gathered_adapter(
     recipe = write_recipe(tmp_path, tiny_model_dir)
     out = tmp_path / "run"
     overrides = ["data.micro_batch=2", "model.sharding=fsdp2", "run.max_steps=2", "eval.every=1", "eval.images_per_category=1"]
-    process = start(tmp_path, recipe, out, *(arg for override in overrides for arg in ("--set", override)), nproc=2)
+    process = start_training(tmp_path, recipe, out, *(arg for override in overrides for arg in ("--set", override)), nproc=2)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
     assert json.loads((out / "results.json").read_text())["steps"] == 2

@@ -2,51 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import FLOW_GRPO, tiny_overrides, train_on_processes, trainable_state
 
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
 from dgpo.train.optim import learning_rate
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_overrides(model_dir, output_dir, **extra) -> list[str]:
-    values = {
-        "model.path": str(model_dir),
-        "model.lora_rank": 4,
-        "data.group_size": 4,
-        "data.groups_per_step": 2,
-        "data.micro_batch": 4,
-        "rollout.num_steps": 2,
-        "rollout.ema_after": 1,
-        "loss.grid_points": 2,
-        "loss.kl_beta": 0.01,
-        "run.max_steps": 2,
-        "run.save_every": 1,
-        "run.tensorboard": False,
-        "run.output_dir": str(output_dir),
-        "run.threads": 1,
-        "eval.ema_decay": 0.5,
-        # JPEG size varies between any two images, so advantages are never all zero on a random model.
-        "reward.weights": {"jpeg_incompressibility": 1.0},
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-FLOW_GRPO = {"loss.algorithm": "flow_grpo", "rollout.sampler": "sde", "loss.ppo_clip_eps": 1e-4, "rollout.ema_after": -1}
-
-
-def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.policy.trainable}
 
 
 def test_dgpo_steps_move_lora_weights_and_log_finite_loss(tiny_model_dir, tmp_path):
@@ -232,55 +197,12 @@ def test_resume_keeps_a_kl_weight_the_guard_raised_unless_the_config_changes_it(
     assert edited.state.kl_beta == 0.5
 
 
-TWO_PROCESS_SCRIPT = """
-import json, sys, torch
-from dgpo.rewards import register_reward
-from dgpo.train.config import load_config
-from dgpo.train.loop import Trainer
-
-# Continuous in the pixels: the last-bit differences between batch layouts stay last-bit differences
-# (a JPEG size can jump by a byte).
-@register_reward("test_brightness")
-def test_brightness():
-    return lambda images, prompts, metadata: images.mean(dim=(1, 2, 3)).tolist()
-
-overrides, out = json.loads(sys.argv[1]), sys.argv[2]
-trainer = Trainer(load_config(None, overrides))
-sums = []
-original = trainer.collectives.group_sum
-def recording_group_sum(values, group_ids):
-    totals = original(values, group_ids)
-    sums.append({int(g): float(t) for g, t in zip(group_ids, totals)})
-    return totals
-trainer.collectives.group_sum = recording_group_sum
-trainer.train()
-if trainer.acc.is_main_process:
-    torch.save({"params": {n: p.detach() for n, p in trainer.policy.trainable}, "history": trainer.counters.history}, out + "/state.pt")
-rank_sums = trainer.acc.gather_for_metrics([sums], use_gather_object=True)
-if trainer.acc.is_main_process:
-    json.dump(rank_sums, open(out + "/sums.json", "w"))
-torch.distributed.destroy_process_group()  # a gloo group alive at exit can abort the process in teardown
-"""
-
-
-def _run_processes(nproc: int, overrides: list[str], out: Path) -> tuple[dict, list]:
-    out.mkdir(parents=True, exist_ok=True)
-    script = out / "run.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(29500 + nproc + os.getpid() % 1000),
-           str(script), json.dumps(overrides), str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out / "state.pt"), json.loads((out / "sums.json").read_text())
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 @pytest.mark.parametrize("algorithm", [{}, FLOW_GRPO], ids=["dgpo", "flow-grpo"])
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path, algorithm):
     reward = {"reward.weights": {"test_brightness": 1.0}}
-    one, sums_one = _run_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{"data.micro_batch": 4, **reward, **algorithm}), tmp_path / "one")
-    two, sums_two = _run_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{"data.micro_batch": 2, **reward, **algorithm}), tmp_path / "two")
+    one, sums_one = train_on_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{"data.micro_batch": 4, **reward, **algorithm}), tmp_path / "one")
+    two, sums_two = train_on_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{"data.micro_batch": 2, **reward, **algorithm}), tmp_path / "two")
     # Each group of 4 is split over the two processes (2 + 2), so its sum needs the all-reduce.
     for call_one, call_rank0, call_rank1 in zip(sums_one[0], sums_two[0], sums_two[1]):
         merged = {**call_rank0, **call_rank1}

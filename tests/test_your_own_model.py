@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_diffusers_backends import build_sd3, save_tiny
+from helpers import build_sd3, save_tiny
 
 from dgpo.cli import main
 from dgpo.evaluators import resolve_evaluator

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import FLOW_GRPO, _run_processes, tiny_overrides, trainable_state
+from helpers import FLOW_GRPO, tiny_overrides, train_on_processes, trainable_state
 
 from dgpo.losses import awm_loss, awm_matching_loss, diffusion_nft_loss, nft_optimality, per_sample_mse
 from dgpo.sampling import euler_sample, flow_sigmas, sde_sample, sde_step, sde_window_starts, sde_window_steps
@@ -238,7 +238,7 @@ def test_windowed_sde_sample_is_euler_outside_the_window_and_the_sde_inside():
     ids=["nft-needs-ema-rollouts", "nft-needs-advantage-clip", "nft-online", "awm-strata", "window-needs-sde", "window-range", "fast-timesteps",
          "awm-weighting"],
 )
-def test_new_algorithm_configs_are_checked(tiny_model_dir, tmp_path, overrides, message):
+def test_baseline_algorithm_configs_are_checked(tiny_model_dir, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides))
 
@@ -264,7 +264,7 @@ def test_shapes_recipes_carry_the_reference_defaults():
 
 
 @pytest.mark.parametrize("variant", [NFT, AWM, FAST], ids=["diffusionnft", "awm", "flow-grpo-fast"])
-def test_new_algorithms_train(tiny_model_dir, tmp_path, variant):
+def test_baseline_algorithms_train(tiny_model_dir, tmp_path, variant):
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **variant)), **QUIET)
     before = trainable_state(trainer)
     trainer.train()
@@ -303,7 +303,7 @@ def test_flow_grpo_fast_trains_the_window_steps_with_the_rollouts_log_probs(tiny
 
 
 @pytest.mark.parametrize("variant", [NFT, AWM, FAST], ids=["diffusionnft", "awm", "flow-grpo-fast"])
-def test_new_algorithms_resume_exactly(tiny_model_dir, tmp_path, variant):
+def test_baseline_algorithms_resume_exactly(tiny_model_dir, tmp_path, variant):
     straight = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "a", **variant, **{"run.max_steps": 3})), **QUIET)
     straight.train()
     Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "b", **variant, **{"run.max_steps": 2})), **QUIET).train()
@@ -319,10 +319,10 @@ def test_new_algorithms_resume_exactly(tiny_model_dir, tmp_path, variant):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 @pytest.mark.parametrize("variant", [NFT, AWM, FAST], ids=["diffusionnft", "awm", "flow-grpo-fast"])
-def test_new_algorithms_two_processes_match_one_process(tiny_model_dir, tmp_path, variant):
+def test_baseline_algorithms_two_processes_match_one_process(tiny_model_dir, tmp_path, variant):
     reward = {"reward.weights": {"test_brightness": 1.0}}
-    one, _ = _run_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{**variant, "data.micro_batch": 4, **reward}), tmp_path / "one")
-    two, _ = _run_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{**variant, "data.micro_batch": 2, **reward}), tmp_path / "two")
+    one, _ = train_on_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{**variant, "data.micro_batch": 4, **reward}), tmp_path / "one")
+    two, _ = train_on_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{**variant, "data.micro_batch": 2, **reward}), tmp_path / "two")
     assert [h["reward_mean"] for h in one["history"]] == pytest.approx([h["reward_mean"] for h in two["history"]], abs=1e-6)
     for name, value in one["params"].items():
         # Adam normalises each element's step, so near-zero gradients turn last-bit differences into ~1e-6 ones.

@@ -8,7 +8,7 @@ positive and the share of renders where the true caption wins is well above one 
 ignores the word scores a gap of ~0 and a share of ~0.5, whatever it draws. Cheap (forwards only), so
 it reads a base model or an RL adapter without sampling noise. Usage:
 
-    python benchmarks/shapes_word_use_probe.py [--model DIR] [--adapter RUN_DIR/adapter] [--output results/x.json]
+    python benchmarks/probes/shapes_word_use.py [--model DIR] [--adapter RUN_DIR/adapter] [--output results/x.json]
 """
 from __future__ import annotations
 

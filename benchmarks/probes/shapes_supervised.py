@@ -7,7 +7,7 @@ of images: DGPO's update is at best flow matching on the right images of each gr
 captions do not teach relations and bindings in N images, RL will not teach them in N rollouts.
 Usage (writes results/probe_supervised_<tag>.json):
 
-    python benchmarks/shapes_supervised_probe.py --model shipped --tag base [--categories position color_attr]
+    python benchmarks/probes/shapes_supervised.py --model shipped --tag base [--categories position color_attr]
 """
 from __future__ import annotations
 

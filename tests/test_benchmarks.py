@@ -1,19 +1,14 @@
-"""benchmarks/gpu_sd35m_step.py times the trainer's own rollout and update: its code path runs on the tiny model."""
+"""The timing benchmarks of benchmarks/ on the tiny model: gpu_sd35m_step.py and gpu_fsdp2_step.py time the trainer's own
+rollout and update (their code path runs here); dgpo_shapes_cpu.py resumes a seed only under the config its checkpoints
+were trained with."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+import pytest
+from helpers import load_benchmark
 
-
-def load_benchmark(name: str = "gpu_sd35m_step"):
-    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from dgpo.train.config import load_config, save_config
 
 
 def test_gpu_step_benchmark_runs_the_trainer_on_the_tiny_model(tmp_path):
@@ -47,3 +42,13 @@ def test_fsdp2_benchmark_runs_every_mode_on_the_tiny_model(tmp_path):
     assert json.loads((tmp_path / "result.json").read_text()) == summary
     assert list(summary["modes"]) == ["lora", "fsdp2-full", "fsdp2-full-offload"]
     assert all(mode["step_seconds_per_group"] > 0 for mode in summary["modes"].values())
+
+
+def test_a_seed_trained_under_another_recipe_is_refused_naming_what_changed(tmp_path):
+    benchmark = load_benchmark("dgpo_shapes_cpu")
+    trained = load_config(benchmark.RECIPE, ["run.seed=1"])
+    save_config(trained, tmp_path / "config.yaml")
+    benchmark.refuse_another_config(tmp_path, load_config(benchmark.RECIPE, ["run.seed=1"]))
+    edited = load_config(benchmark.RECIPE, ["run.seed=1", "model.lora_rank=0", "optim.lr=1e-4"])
+    with pytest.raises(SystemExit, match=r"another config \(model.lora_rank, optim.lr\); move it aside"):
+        benchmark.refuse_another_config(tmp_path, edited)

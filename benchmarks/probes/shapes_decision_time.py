@@ -11,7 +11,7 @@ The decision happens between the largest sigma with no split and the smallest wi
 DGPO trains only at timesteps in [t_min, 1]; the split tells which sigmas carry the choice each
 category needs (where the layout, the count and the binding are made). Usage:
 
-    python benchmarks/shapes_decision_time_probe.py [--model DIR] [--adapter RUN_DIR/adapter]
+    python benchmarks/probes/shapes_decision_time.py [--model DIR] [--adapter RUN_DIR/adapter]
         [--images-per-category 96] [--output results/x.json]
 """
 from __future__ import annotations

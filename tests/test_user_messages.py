@@ -13,8 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_cli import _recipe
-from test_compare import tiny_dgpo_recipe
+from helpers import tiny_dgpo_recipe, tiny_recipe_file
 
 from dgpo.cli import OPTIONAL_KERNEL_LOGGER, OPTIONAL_KERNEL_WARNING, main
 from dgpo.rewards import REWARDS, register_reward
@@ -47,7 +46,7 @@ def test_eval_ema_updates_counts_the_updates_of_the_schedule(every):
 def test_an_evaluation_of_an_evaluation_ema_that_never_updated_says_so_everywhere(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     settings = {**SMALL_EVAL, "eval.every": 1, "eval.ema_decay": 0.9, "eval.ema_every": 8, "run.max_steps": 2}
-    assert main(["train", _recipe(tmp_path, tiny_model_dir, out, **settings)]) == 0
+    assert main(["train", tiny_recipe_file(tmp_path, tiny_model_dir, out, **settings)]) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "(the evaluation EMA (eval.ema_decay 0.9, 0 updates))" in printed
     warnings = [line for line in printed.splitlines() if line.startswith("warning: the evaluation at step")]
@@ -64,11 +63,11 @@ def test_an_evaluation_of_an_evaluation_ema_that_never_updated_says_so_everywher
     assert (out / "adapter").is_dir() and not (out / "adapter_ema").exists()
     assert "warning: adapter_ema/ not written: the evaluation EMA had no update in 2 steps" in printed
 
-    assert main(["train", _recipe(tmp_path, tiny_model_dir, out, **{**settings, "eval.ema_every": 1}), "--overwrite"]) == 0
+    assert main(["train", tiny_recipe_file(tmp_path, tiny_model_dir, out, **{**settings, "eval.ema_every": 1}), "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert "warning" not in printed and (out / "adapter_ema").is_dir()
     assert [e["evaluated_model"]["ema_updates"] for e in json.loads((out / "evals.json").read_text())] == [0, 1, 2]
-    assert main(["train", _recipe(tmp_path, tiny_model_dir, out, **{**settings, "eval.ema_decay": 0.0}), "--overwrite"]) == 0
+    assert main(["train", tiny_recipe_file(tmp_path, tiny_model_dir, out, **{**settings, "eval.ema_decay": 0.0}), "--overwrite"]) == 0
     assert "after (step 2) the policy" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["after"]["evaluated_model"] == {"weights": "policy"}
 
@@ -80,7 +79,7 @@ def test_an_evaluation_of_an_evaluation_ema_that_never_updated_says_so_everywher
                                        ("./tiny-sd3-typo", "not a hub model id")])
 def test_a_model_path_that_is_neither_a_directory_nor_on_the_hub_is_one_line(path, why, tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    recipe = _recipe(tmp_path, tiny_model_dir, tmp_path / "run", **{"model.backend": "sd3", "model.path": path, "eval.evaluator": "none"})
+    recipe = tiny_recipe_file(tmp_path, tiny_model_dir, tmp_path / "run", **{"model.backend": "sd3", "model.path": path, "eval.evaluator": "none"})
     assert main(["train", recipe]) == 2
     error = _error_line(capsys)
     assert error.startswith(f"dgpo: error: model.path {path!r}: no such directory (in {tmp_path})") and why in error
@@ -89,7 +88,7 @@ def test_a_model_path_that_is_neither_a_directory_nor_on_the_hub_is_one_line(pat
 def test_a_prompt_line_of_broken_json_is_named_invalid_json_with_its_line_and_column(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a red circle" "metadata": {}}\n')
-    assert main(["train", _recipe(tmp_path, tiny_model_dir, tmp_path / "run", **{"data.prompts": str(prompts)})]) == 2
+    assert main(["train", tiny_recipe_file(tmp_path, tiny_model_dir, tmp_path / "run", **{"data.prompts": str(prompts)})]) == 2
     assert _error_line(capsys) == f"dgpo: error: {prompts}:2: invalid JSON at column 27: Expecting ',' delimiter"
 
 
@@ -103,7 +102,7 @@ def test_a_yaml_syntax_error_keeps_its_line_and_column(tmp_path, capsys):
 
 def test_a_run_of_zero_steps_is_refused_before_anything_is_written(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", _recipe(tmp_path, tiny_model_dir, out, **{"run.max_steps": 0})]) == 2
+    assert main(["train", tiny_recipe_file(tmp_path, tiny_model_dir, out, **{"run.max_steps": 0})]) == 2
     assert "run.max_steps must be >= 1 (a run of 0 steps trains nothing" in _error_line(capsys) and not out.exists()
 
 
@@ -123,7 +122,7 @@ def test_the_guard_shows_the_drop_evaluates_the_stop_step_once_and_the_report_sa
     settings = {**SMALL_EVAL, "eval.every": 1, "eval.metrics": "[test_slowly_falling]", "eval.guard_metric": "test_slowly_falling",
                 "eval.guard_max_drop": 1e-7, "run.max_steps": 3}
     try:
-        assert main(["train", _recipe(tmp_path, tiny_model_dir, out, **settings)]) == 0
+        assert main(["train", tiny_recipe_file(tmp_path, tiny_model_dir, out, **settings)]) == 0
     finally:
         REWARDS.unregister("test_slowly_falling")
     printed = capsys.readouterr().out
@@ -170,7 +169,7 @@ def test_a_reward_failure_prints_below_the_closed_progress_bar(tiny_model_dir, t
     register_reward("test_fails_later")(lambda: fails_at_the_second_step)
     settings = {"eval.evaluator": "none", "reward.weights": {"test_fails_later": 1.0}, "run.max_steps": 3}
     try:
-        assert main(["train", _recipe(tmp_path, tiny_model_dir, tmp_path / "run", **settings)]) == 2
+        assert main(["train", tiny_recipe_file(tmp_path, tiny_model_dir, tmp_path / "run", **settings)]) == 2
     finally:
         REWARDS.unregister("test_fails_later")
     err = capsys.readouterr().err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import tiny_overrides
+from helpers import tiny_overrides
 
 from dgpo.train.config import load_config
 from dgpo.train.ema import eval_ema_decay, ramped_decay

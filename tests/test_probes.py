@@ -1,23 +1,17 @@
 """benchmarks/probes/text_features.py on tiny ShapesEval models built here: what each text encoder can and cannot tell apart."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 from dgpo.shapes.model import bidirectional_text_encoder, build_tiny_model
-
-PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "probes" / "text_features.py"
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("text_features", PROBE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("probes/text_features")
 
 
 def test_the_bidirectional_encoder_pools_a_bag_of_words_and_keeps_the_binding_in_the_sequence(probe):
