@@ -1,6 +1,6 @@
 """The timing benchmarks of benchmarks/ on the tiny model: gpu_sd35m_step.py and gpu_fsdp2_step.py time the trainer's own
 rollout and update (their code path runs here); dgpo_shapes_cpu.py resumes a seed only under the config its checkpoints
-were trained with."""
+were trained with; screen_readout.py compares a set of screens with their baseline."""
 from __future__ import annotations
 
 import json
@@ -52,3 +52,33 @@ def test_a_seed_trained_under_another_recipe_is_refused_naming_what_changed(tmp_
     edited = load_config(benchmark.RECIPE, ["run.seed=1", "model.lora_rank=0", "optim.lr=1e-4"])
     with pytest.raises(SystemExit, match=r"another config \(model.lora_rank, optim.lr\); move it aside"):
         benchmark.refuse_another_config(tmp_path, edited)
+
+
+def _screen_run(folder, final_rates, images_per_category, rewards, zero_variance):
+    folder.mkdir(parents=True)
+    categories = dict(zip(("counting", "position", "color_attr", "two_object"), final_rates))
+    final = {"step": 4, "overall": sum(final_rates) / len(final_rates), "categories": categories, "images_per_category": images_per_category,
+             "num_images": 4 * images_per_category, "artifact": 0.005, "diversity": 0.27}
+    (folder / "evals.json").write_text(json.dumps([{**final, "step": 0, "overall": 0.5}, final]))
+    metrics = [{"step": s, "forward_equivalents": 100.0 * s, "elapsed_seconds": 2.0 * s, "zero_variance_groups": zero_variance[s - 1],
+                **{f"reward_by/{c}": rewards[s - 1] for c in categories}} for s in range(1, 5)]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
+    (folder / "results.json").write_text("{}")
+
+
+def test_screen_readout_compares_each_screen_with_the_baseline(tmp_path):
+    readout = load_benchmark("screen_readout")
+    _screen_run(tmp_path / "runs" / "base" / "seed-0", [0.5, 0.5, 0.5, 0.5], 100, [0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.2, 0.4])
+    _screen_run(tmp_path / "runs" / "change" / "seed-0", [0.7, 0.7, 0.7, 0.7], 100, [0.5, 0.6, 0.7, 0.8], [0.0, 0.0, 0.1, 0.1])
+    (tmp_path / "runs" / "unfinished" / "seed-0").mkdir(parents=True)
+    readout.main([str(tmp_path), "--baseline", "base", "--last", "2"])
+    saved = json.loads((tmp_path / "readout.json").read_text())
+    assert list(saved["runs"]) == ["base", "change"]  # baseline first; a run without results.json is left out
+    change = saved["runs"]["change"]
+    assert change["training_reward_last"]["counting"] == pytest.approx(0.75) and change["zero_variance_groups_last"] == pytest.approx(0.1)
+    assert change["forwards_per_step"] == 100 and change["seconds_per_step"] == 2
+    assert change["final"]["se"] == pytest.approx((4 * 0.7 * 0.3 / 100) ** 0.5 / 4)
+    se = (saved["runs"]["base"]["final"]["se"] ** 2 + change["final"]["se"] ** 2) ** 0.5
+    assert f"+0.200 +- {se:.3f}" in (tmp_path / "readout.md").read_text()
+    with pytest.raises(SystemExit, match="no finished run of the baseline 'missing'"):
+        readout.main([str(tmp_path), "--baseline", "missing"])
