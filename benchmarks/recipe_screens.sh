@@ -18,6 +18,7 @@ dgpo compare \
   clip_outliers=$S/dgpo_clip_outliers.yaml \
   preference=$S/dgpo_preference.yaml \
   eval_ema=$S/dgpo_eval_ema.yaml \
+  clip_p90=$S/dgpo_clip_p90.yaml \
   "$@" \
   --output "$OUTPUT" --budget-steps 150 --eval-every 50 --eval-images 48 --final-eval-images 96 \
   --threshold 0.75 --threshold 0.8 --threshold 0.85 --confirm 1 --baseline dgpo --save-every 25 \
