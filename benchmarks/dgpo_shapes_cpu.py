@@ -3,7 +3,8 @@
 Trains the recipe once per training seed (``run.seed``), each in runs/bench-dgpo-shapes/seed-N, and
 prints each before/after table and the wall-clock time. Writes results/dgpo_shapes_cpu.json after
 every seed: the first seed's summary at the top level (the keys earlier versions wrote), every
-seed's under ``seeds``, and the mean and spread of the final scores. A seed whose run finished with
+seed's under ``seeds``, and the mean and spread of the final scores; each seed's final adapter, per-step
+metrics and evaluations go to results/dgpo_shapes_cpu_runs/seed-N (beside --results). A seed whose run finished with
 the same config is reused, and an interrupted one resumes from its newest checkpoint, so a benchmark
 of several CPU hours can be stopped and continued. Usage:
 
@@ -73,6 +74,19 @@ def refuse_another_config(run_dir: Path, config) -> None:
                          "move it aside or delete it to start this seed afresh")
 
 
+def keep_seed_files(run_dir: Path, kept: Path) -> None:
+    """What a reader needs to check a seed without its checkpoints: the final adapter (and the evaluation EMA's, with
+    eval.ema_decay), so that `dgpo eval --adapter` reproduces its table, and the per-step metrics and evaluations."""
+    if kept.exists():
+        shutil.rmtree(kept)
+    kept.mkdir(parents=True)
+    for name in ("adapter", "adapter_ema"):
+        if (run_dir / name).is_dir():
+            shutil.copytree(run_dir / name, kept / name)
+    for name in ("metrics.jsonl", "evals.json", "config.yaml"):
+        shutil.copy(run_dir / name, kept / name)
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values)), "values": values}
 
@@ -97,6 +111,7 @@ def main() -> int:
         suffix = "" if seed == args.seeds[0] else f"_seed{seed}"
         for name in ("curves.png", "grid_before.png", "grid_after.png"):
             shutil.copy(Path(summary["output_dir"]) / name, f"{stem}{suffix}_{name}")
+        keep_seed_files(Path(summary["output_dir"]), Path(f"{stem}_runs") / f"seed-{seed}")
         out = dict(seeds[0])
         out.update(
             seeds=seeds,

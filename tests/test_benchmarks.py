@@ -82,3 +82,20 @@ def test_screen_readout_compares_each_screen_with_the_baseline(tmp_path):
     assert f"+0.200 +- {se:.3f}" in (tmp_path / "readout.md").read_text()
     with pytest.raises(SystemExit, match="no finished run of the baseline 'missing'"):
         readout.main([str(tmp_path), "--baseline", "missing"])
+
+
+def test_a_seed_keeps_its_adapters_metrics_and_evaluations_without_checkpoints(tmp_path):
+    benchmark = load_benchmark("dgpo_shapes_cpu")
+    run = tmp_path / "run"
+    for folder in ("adapter", "adapter_ema", "checkpoints/step-00000025"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "weights.safetensors").write_text(folder)
+    for name in ("metrics.jsonl", "evals.json", "config.yaml"):
+        (run / name).write_text(name)
+    kept = tmp_path / "results" / "seed-0"
+    kept.mkdir(parents=True)
+    (kept / "stale.txt").write_text("from an earlier run of this seed")
+    benchmark.keep_seed_files(run, kept)
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        "adapter/weights.safetensors", "adapter_ema/weights.safetensors", "config.yaml", "evals.json", "metrics.jsonl"]
+    assert (kept / "adapter_ema" / "weights.safetensors").read_text() == "adapter_ema"
