@@ -1,0 +1,52 @@
+"""The screens committed under results/ stay reproducible from the recipes their scripts name: a change to a shared recipe
+(configs/shapes/dgpo.yaml, which the screens and the baselines inherit) must not silently change what a committed screen
+run trained. Each run's saved config.yaml is compared, field by field, with the recipe its script names loaded under the
+same protocol (steps, evaluation, seed and threads taken from the saved run), as `dgpo compare --reuse` compares them."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dgpo.train.compare import same_training
+from dgpo.train.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SCREEN_SETS = {
+    "benchmarks/recipe_screens.sh": "results/recipe_screens/runs",
+    "benchmarks/comparison_screens.sh": "results/comparison/screens/runs",
+}
+# The fields `dgpo compare` sets for every recipe (its protocol) and the overrides the scripts pass to all of them.
+PROTOCOL_FIELDS = ("run.seed", "run.max_steps", "run.max_seconds", "run.max_forward_equivalents", "run.threads", "eval.every",
+                   "eval.images_per_category", "eval.final_images_per_category", "eval.guidance_scale")
+
+
+def script_recipes(script: Path) -> dict[str, Path]:
+    """NAME=RECIPE arguments of a screen script, with its $S abbreviation expanded."""
+    text = script.read_text()
+    folder = re.search(r"^S=(\S+)$", text, re.M).group(1)
+    return {name: REPO / path.replace("$S", folder)
+            for name, path in re.findall(r"^\s+(\w+)=(\S+\.yaml)", text, re.M)}
+
+
+def committed_runs():
+    for script, runs in SCREEN_SETS.items():
+        recipes = script_recipes(REPO / script)
+        for config in sorted((REPO / runs).glob("*/seed-*/config.yaml")):
+            yield pytest.param(config, recipes.get(config.parent.parent.name), id=f"{config.parent.parent.name}")
+
+
+def test_the_scripts_name_their_recipes():
+    recipes = script_recipes(REPO / "benchmarks/recipe_screens.sh")
+    assert recipes["dgpo"].name == "dgpo_baseline.yaml" and recipes["two_updates"].name == "dgpo_two_updates.yaml"
+    assert all(path.is_file() for path in recipes.values())
+
+
+@pytest.mark.parametrize("saved_config, recipe", list(committed_runs()))
+def test_a_committed_screen_run_is_what_its_recipe_trains(saved_config, recipe):
+    assert recipe is not None, f"{saved_config} has no recipe in its screen script"
+    saved = yaml.safe_load(saved_config.read_text())
+    protocol = [f"{field}={saved[field.split('.')[0]][field.split('.')[1]]}" for field in PROTOCOL_FIELDS]
+    assert same_training(saved, load_config(recipe, protocol).to_dict())
