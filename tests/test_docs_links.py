@@ -85,7 +85,7 @@ def test_every_link_and_cited_path_of_the_page_exists(page):
 def test_the_check_finds_a_missing_file_path_anchor_and_a_page_outside_the_docs():
     bad = ("See [the log](docs/no-such-page.md), [a heading](docs/experiment-log.md#no-such-heading), "
            "`results/no_such_result.json`, `python benchmarks/no_such_script.py --x 1` and `dgpo/no_such_module.py`; "
-           "fine: [the log](docs/experiment-log.md), `results/dgpo_shapes_cpu_seed{0,1}_metrics.jsonl`, `dgpo/losses.py`, "
+           "fine: [the log](docs/experiment-log.md), `results/dgpo_hour_2026-11-30/dgpo_shapes_cpu_seed{0,1}_metrics.jsonl`, `dgpo/losses.py`, "
            "`results/rollout_steps/bench_6step_seed1*`, [web](https://example.org/x.md), `dgpo.losses.dgpo_loss`.\n"
            "```bash\npython benchmarks/missing_in_a_block.py\n```\n")
     assert problems(REPO / "README.md", bad) == [

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Training vs test prompts of two categories, the shipped base vs seed 1's hour of the recipe, scored from
 # 6-step (the recipe's rollouts) and 10-step (ShapesEval's protocol) Flow-DPM-Solver samples, CFG 4.5.
-# Run from the repository root after `python benchmarks/dgpo_shapes_cpu.py --seeds 1 ...` (results/dgpo_shapes_cpu.json)
+# Run from the repository root after `python benchmarks/dgpo_shapes_cpu.py --seeds 1 ...` (results/dgpo_hour_2026-11-30/dgpo_shapes_cpu.json)
 # has left runs/bench-dgpo-shapes/seed-1/adapter.
 set -e
 out=runs/probe-split
