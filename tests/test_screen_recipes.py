@@ -35,7 +35,7 @@ def committed_runs():
     for script, runs in SCREEN_SETS.items():
         recipes = script_recipes(REPO / script)
         for config in sorted((REPO / runs).glob("*/seed-*/config.yaml")):
-            yield pytest.param(config, recipes.get(config.parent.parent.name), id=f"{config.parent.parent.name}")
+            yield pytest.param(config, recipes.get(config.parent.parent.name), id=config.parent.parent.name)
 
 
 def test_the_scripts_name_their_recipes():
@@ -48,5 +48,5 @@ def test_the_scripts_name_their_recipes():
 def test_a_committed_screen_run_is_what_its_recipe_trains(saved_config, recipe):
     assert recipe is not None, f"{saved_config} has no recipe in its screen script"
     saved = yaml.safe_load(saved_config.read_text())
-    protocol = [f"{field}={saved[field.split('.')[0]][field.split('.')[1]]}" for field in PROTOCOL_FIELDS]
+    protocol = [f"{section}.{key}={saved[section][key]}" for section, key in (field.split(".") for field in PROTOCOL_FIELDS)]
     assert same_training(saved, load_config(recipe, protocol).to_dict())
