@@ -76,14 +76,15 @@ def refuse_another_config(run_dir: Path, config) -> None:
 
 def keep_seed_files(run_dir: Path, kept: Path) -> None:
     """What a reader needs to check a seed without its checkpoints: the final adapter (and the evaluation EMA's, with
-    eval.ema_decay), so that `dgpo eval --adapter` reproduces its table, and the per-step metrics and evaluations."""
+    eval.ema_decay), so that `dgpo eval --adapter` reproduces its table, the per-step metrics and evaluations, and
+    results.json, with which `dgpo compare --reuse` takes the seed as a finished run of the same training."""
     if kept.exists():
         shutil.rmtree(kept)
     kept.mkdir(parents=True)
     for name in ("adapter", "adapter_ema"):
         if (run_dir / name).is_dir():
             shutil.copytree(run_dir / name, kept / name)
-    for name in ("metrics.jsonl", "evals.json", "config.yaml"):
+    for name in ("metrics.jsonl", "evals.json", "config.yaml", "results.json"):
         shutil.copy(run_dir / name, kept / name)
 
 

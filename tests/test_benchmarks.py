@@ -90,12 +90,33 @@ def test_a_seed_keeps_its_adapters_metrics_and_evaluations_without_checkpoints(t
     for folder in ("adapter", "adapter_ema", "checkpoints/step-00000025"):
         (run / folder).mkdir(parents=True)
         (run / folder / "weights.safetensors").write_text(folder)
-    for name in ("metrics.jsonl", "evals.json", "config.yaml"):
+    for name in ("metrics.jsonl", "evals.json", "config.yaml", "results.json"):
         (run / name).write_text(name)
     kept = tmp_path / "results" / "seed-0"
     kept.mkdir(parents=True)
     (kept / "stale.txt").write_text("from an earlier run of this seed")
     benchmark.keep_seed_files(run, kept)
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
-        "adapter/weights.safetensors", "adapter_ema/weights.safetensors", "config.yaml", "evals.json", "metrics.jsonl"]
+        "adapter/weights.safetensors", "adapter_ema/weights.safetensors", "config.yaml", "evals.json", "metrics.jsonl", "results.json"]
     assert (kept / "adapter_ema" / "weights.safetensors").read_text() == "adapter_ema"
+
+
+def test_training_readout_averages_each_window_per_category(tmp_path):
+    readout = load_benchmark("training_readout")
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": step, "reward_mean": 0.1 * step, "zero_variance_groups": 0.5 if step > 2 else 0.0, "grad_norm": float(step),
+             "reward_by/counting": 0.2 * step, "prompts/zero_variance/counting": float(step % 2)} for step in range(1, 6)]
+    rows[3]["reward_by/position"] = 0.9  # a category drawn only at step 4
+    rows[4]["grad_norm"] = float("nan")  # a step whose norm was not finite counts as missing
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    readout.main([str(run), "--window", "2", "--output", str(tmp_path / "readout")])
+    saved = json.loads((tmp_path / "readout.json").read_text())
+    windows = saved["runs"][str(run)]
+    assert [w["steps"] for w in windows] == [[1, 2], [3, 4], [5, 5]]
+    assert windows[0]["reward"] == pytest.approx(0.15) and windows[1]["no_preference_groups"] == pytest.approx(0.5)
+    assert windows[1]["categories"]["counting"] == {"reward": pytest.approx(0.7), "no_preference_groups": pytest.approx(0.5)}
+    assert windows[0]["categories"]["position"]["reward"] is None and windows[1]["categories"]["position"]["reward"] == 0.9
+    assert windows[2]["grad_norm"] is None and "| 3-4 | 0.350 / 0.50 |" in (tmp_path / "readout.md").read_text()
+    with pytest.raises(SystemExit, match="has no metrics.jsonl"):
+        readout.main([str(tmp_path / "missing")])
