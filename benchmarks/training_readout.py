@@ -4,7 +4,7 @@ norm, over consecutive windows of steps of each run's metrics.jsonl. Prints a ma
 --output, writes it as JSON and markdown (with this command).
 
     python benchmarks/training_readout.py results/dgpo_shapes_cpu_runs/seed-0 results/dgpo_shapes_cpu_runs/seed-1 \\
-        --window 100 --output results/dgpo_shapes_cpu_training
+        --window 100 --output results/dgpo_shapes_cpu_training.json
 
 Categories are whatever the reward logs as reward_by/<category> and prompts/zero_variance/<category>, so the readout
 serves any prompt file with categories, not only ShapesEval.
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", type=Path, nargs="+", help="run folders, each with a metrics.jsonl")
     p.add_argument("--window", type=int, default=100, help="steps per window (default: 100)")
-    p.add_argument("--output", type=Path, help="write OUTPUT.json and OUTPUT.md")
+    p.add_argument("--output", type=Path, help="write the readout to OUTPUT as JSON, and beside it as markdown (suffix .md)")
     args = p.parse_args(argv)
     readout = {str(run): windows(read_metrics(run), args.window) for run in args.runs}
     text = "\n\n".join(markdown(name, rows) for name, rows in readout.items())

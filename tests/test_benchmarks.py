@@ -110,7 +110,7 @@ def test_training_readout_averages_each_window_per_category(tmp_path):
     rows[3]["reward_by/position"] = 0.9  # a category drawn only at step 4
     rows[4]["grad_norm"] = float("nan")  # a step whose norm was not finite counts as missing
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    readout.main([str(run), "--window", "2", "--output", str(tmp_path / "readout")])
+    readout.main([str(run), "--window", "2", "--output", str(tmp_path / "readout.json")])
     saved = json.loads((tmp_path / "readout.json").read_text())
     windows = saved["runs"][str(run)]
     assert [w["steps"] for w in windows] == [[1, 2], [3, 4], [5, 5]]
