@@ -43,6 +43,7 @@ from transformers import (
 )
 
 from dgpo.rewards import register_reward
+from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
 from dgpo.train.sharding import local_bytes
 
@@ -80,6 +81,14 @@ def tiny_overrides(model_dir, output_dir, **extra) -> list[str]:
 # Flow-GRPO's settings over the tiny recipe.
 FLOW_GRPO = {"loss.algorithm": "flow_grpo", "rollout.sampler": "sde", "loss.ppo_clip_eps": 1e-4, "rollout.ema_after": -1}
 
+# The baselines' settings over the tiny recipe (4 rollout steps where an algorithm trains on a window or a grid of them),
+# and every algorithm by name.
+NFT = {"loss.algorithm": "diffusionnft", "rollout.ema_after": 0, "rollout.guidance_scale": 1.0, "data.text_dropout": 0.0}
+AWM = {"loss.algorithm": "awm", "rollout.ema_after": 0, "rollout.num_steps": 4, "loss.grid_points": 4, "loss.timesteps": 2,
+       "loss.ema_kl_beta": 1.0, "rollout.guidance_scale": 1.0}
+FAST = {**FLOW_GRPO, "rollout.num_steps": 4, "rollout.sde_window": 2, "rollout.sde_window_range": "[0, 4]", "loss.timesteps": 2}
+ALGORITHMS = {"dgpo": {}, "flow-grpo": FLOW_GRPO, "diffusionnft": NFT, "awm": AWM, "flow-grpo-fast": FAST}
+
 
 def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """A copy of the trainer's trainable parameters, by name."""
@@ -112,49 +121,51 @@ def tiny_dgpo_recipe(model_dir, folder):
     return recipe
 
 
+def train_recording_group_sums(overrides: list[str]) -> tuple[Trainer, list[dict[int, float]]]:
+    """Train ``overrides`` in this process: the trainer, and the cross-rank group sums of every step as this rank saw them."""
+    trainer = Trainer(load_config(None, overrides), log=lambda *a: None)
+    sums = []
+    original = trainer.collectives.group_sum
+
+    def recording_group_sum(values, group_ids):
+        totals = original(values, group_ids)
+        sums.append({int(g): float(t) for g, t in zip(group_ids, totals)})
+        return totals
+
+    trainer.collectives.group_sum = recording_group_sum
+    trainer.train()
+    return trainer, sums
+
+
 TWO_PROCESS_SCRIPT = """
 import json, sys, torch
-from dgpo.rewards import register_reward
-from dgpo.train.config import load_config
-from dgpo.train.loop import Trainer
+sys.path.insert(0, sys.argv[3])
+from helpers import train_recording_group_sums
 
-# Continuous in the pixels: the last-bit differences between batch layouts stay last-bit differences
-# (a JPEG size can jump by a byte).
-@register_reward("test_brightness")
-def test_brightness():
-    return lambda images, prompts, metadata: images.mean(dim=(1, 2, 3)).tolist()
-
-overrides, out = json.loads(sys.argv[1]), sys.argv[2]
-trainer = Trainer(load_config(None, overrides))
-sums = []
-original = trainer.collectives.group_sum
-def recording_group_sum(values, group_ids):
-    totals = original(values, group_ids)
-    sums.append({int(g): float(t) for g, t in zip(group_ids, totals)})
-    return totals
-trainer.collectives.group_sum = recording_group_sum
-trainer.train()
-if trainer.acc.is_main_process:
-    torch.save({"params": {n: p.detach() for n, p in trainer.policy.trainable}, "history": trainer.counters.history}, out + "/state.pt")
-rank_sums = trainer.acc.gather_for_metrics([sums], use_gather_object=True)
-if trainer.acc.is_main_process:
-    json.dump(rank_sums, open(out + "/sums.json", "w"))
+runs, out = json.loads(sys.argv[1]), sys.argv[2]
+for name, overrides in runs.items():
+    trainer, sums = train_recording_group_sums(overrides)
+    rank_sums = trainer.acc.gather_for_metrics([sums], use_gather_object=True)
+    if trainer.acc.is_main_process:
+        torch.save({"params": {n: p.detach() for n, p in trainer.policy.trainable}, "history": trainer.counters.history,
+                    "sums": rank_sums}, f"{out}/{name}.pt")
 torch.distributed.destroy_process_group()  # a gloo group alive at exit can abort the process in teardown
 """
 
 
-def train_on_processes(nproc: int, overrides: list[str], out: Path) -> tuple[dict, list]:
-    """Train ``overrides`` on ``nproc`` CPU processes under torchrun: the main process's parameters and history, and every
-    rank's group sums (the test_brightness reward is the launched script's own)."""
+def train_on_two_processes(runs: dict[str, list[str]], out: Path) -> dict[str, dict]:
+    """Train each of ``runs`` (name: overrides), one after another, on two CPU processes of one torchrun launch (one
+    launch, since starting the processes costs more than the tiny runs): by name, the main process's parameters and
+    history, and every rank's group sums."""
     out.mkdir(parents=True, exist_ok=True)
     script = out / "run.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(29500 + nproc + os.getpid() % 1000),
-           str(script), json.dumps(overrides), str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29502 + os.getpid() % 1000),
+           str(script), json.dumps(runs), str(out), str(Path(__file__).parent)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out / "state.pt"), json.loads((out / "sums.json").read_text())
+    return {name: torch.load(out / f"{name}.pt") for name in runs}
 
 
 # ----- `dgpo train` in a subprocess, with a test reward that can be slowed or fail ------------------------------------

@@ -24,10 +24,10 @@ PROTOCOL_FIELDS = ("run.seed", "run.max_steps", "run.max_seconds", "run.max_forw
 
 
 def script_recipes(script: Path) -> dict[str, Path]:
-    """NAME=RECIPE arguments of a screen script, with its $S abbreviation expanded."""
+    """NAME=RECIPE arguments of a screen script, its one-letter folder abbreviations (S=configs/shapes/screens) expanded."""
     text = script.read_text()
-    folder = re.search(r"^S=(\S+)$", text, re.M).group(1)
-    return {name: REPO / path.replace("$S", folder)
+    folders = dict(re.findall(r"^([A-Z])=(\S+)$", text, re.M))
+    return {name: REPO / re.sub(r"\$([A-Z])\b", lambda abbreviation: folders[abbreviation.group(1)], path)
             for name, path in re.findall(r"^\s+(\w+)=(\S+\.yaml)", text, re.M)}
 
 

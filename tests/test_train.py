@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import FLOW_GRPO, tiny_overrides, train_on_processes, trainable_state
+from helpers import ALGORITHMS, FLOW_GRPO, tiny_overrides, train_on_two_processes, train_recording_group_sums, trainable_state
 
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
@@ -197,20 +197,32 @@ def test_resume_keeps_a_kl_weight_the_guard_raised_unless_the_config_changes_it(
     assert edited.state.kl_beta == 0.5
 
 
+TWO_PROCESS_REWARD = {"reward.weights": {"test_brightness": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_model_dir, tmp_path_factory):
+    """Every algorithm's tiny run on two processes, each group of 4 split 2 + 2 over them."""
+    out = tmp_path_factory.mktemp("two-processes")
+    return train_on_two_processes({name: tiny_overrides(tiny_model_dir, out / name, **{**variant, "data.micro_batch": 2, **TWO_PROCESS_REWARD})
+                                   for name, variant in ALGORITHMS.items()}, out)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
-@pytest.mark.parametrize("algorithm", [{}, FLOW_GRPO], ids=["dgpo", "flow-grpo"])
-def test_two_processes_match_one_process(tiny_model_dir, tmp_path, algorithm):
-    reward = {"reward.weights": {"test_brightness": 1.0}}
-    one, sums_one = train_on_processes(1, tiny_overrides(tiny_model_dir, tmp_path / "one", **{"data.micro_batch": 4, **reward, **algorithm}), tmp_path / "one")
-    two, sums_two = train_on_processes(2, tiny_overrides(tiny_model_dir, tmp_path / "two", **{"data.micro_batch": 2, **reward, **algorithm}), tmp_path / "two")
-    # Each group of 4 is split over the two processes (2 + 2), so its sum needs the all-reduce.
-    for call_one, call_rank0, call_rank1 in zip(sums_one[0], sums_two[0], sums_two[1]):
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_two_processes_match_one_process(tiny_model_dir, tmp_path, two_process_runs, algorithm):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{**ALGORITHMS[algorithm], "data.micro_batch": 4, **TWO_PROCESS_REWARD})
+    one, sums_one = train_recording_group_sums(overrides)
+    two = two_process_runs[algorithm]
+    # DGPO's loss sums each group over the processes (2 + 2 samples), the others' are per sample: the sums must match.
+    assert bool(sums_one) == (algorithm == "dgpo") and len(two["sums"][0]) == len(two["sums"][1]) == len(sums_one)
+    for call_one, call_rank0, call_rank1 in zip(sums_one, *two["sums"]):
         merged = {**call_rank0, **call_rank1}
         assert merged.keys() == call_one.keys()
         for group, total in call_one.items():
             assert merged[group] == pytest.approx(total, rel=1e-4, abs=1e-6)
-    assert [h["reward_mean"] for h in one["history"]] == pytest.approx([h["reward_mean"] for h in two["history"]], abs=1e-6)
-    for name, value in one["params"].items():
+    assert [h["reward_mean"] for h in one.counters.history] == pytest.approx([h["reward_mean"] for h in two["history"]], abs=1e-6)
+    for name, value in trainable_state(one).items():
         # Adam normalises each element's step, so near-zero gradients turn last-bit differences into ~1e-6 ones.
         torch.testing.assert_close(two["params"][name], value, rtol=1e-4, atol=1e-5)
 
