@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCREEN_SETS = {
     "benchmarks/recipe_screens.sh": "results/recipe_screens/runs",
     "benchmarks/comparison_screens.sh": "results/comparison/screens/runs",
+    "benchmarks/comparison_arms.sh": "results/compare/runs",
+    "benchmarks/comparison_ablations.sh": "results/compare/ablations/runs",
 }
 # The fields `dgpo compare` sets for every recipe (its protocol) and the overrides the scripts pass to all of them.
 PROTOCOL_FIELDS = ("run.seed", "run.max_steps", "run.max_seconds", "run.max_forward_equivalents", "run.threads", "eval.every",
@@ -38,10 +40,15 @@ def committed_runs():
             yield pytest.param(config, recipes.get(config.parent.parent.name), id=config.parent.parent.name)
 
 
-def test_the_scripts_name_their_recipes():
+def test_the_scripts_abbreviations_expand_to_their_recipes():
     recipes = script_recipes(REPO / "benchmarks/recipe_screens.sh")
     assert recipes["dgpo"].name == "dgpo_baseline.yaml" and recipes["two_updates"].name == "dgpo_two_updates.yaml"
-    assert all(path.is_file() for path in recipes.values())
+
+
+@pytest.mark.parametrize("script", SCREEN_SETS)
+def test_every_recipe_a_script_names_exists(script):
+    recipes = script_recipes(REPO / script)
+    assert recipes and all(path.is_file() for path in recipes.values()), recipes
 
 
 @pytest.mark.parametrize("saved_config, recipe", list(committed_runs()))
