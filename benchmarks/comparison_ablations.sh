@@ -1,13 +1,13 @@
 #!/bin/bash
-# The paper's ablations on ShapesEval (docs/comparison.md), one training seed each under the arms' budget (2.304M model
-# forward-equivalents, steps capped at 1,000) and the arms' evaluation: Flow-GRPO-Fast, online Diffusion-DPO (group
-# best vs worst), offline DGPO, DGPO on SDE rollouts, DGPO without timestep clipping; Flow-GRPO and Flow-GRPO-Fast at the
-# rate Flow-GRPO's tuning screens chose (half the shipped one). DGPO's and Flow-GRPO's seed-0
-# arms (benchmarks/comparison_arms.sh, $ARMS, default results/compare) are copied in as the references when absent, and
-# reused as finished runs. Writes $OUTPUT (default results/compare/ablations), DGPO its baseline. --reuse resumes an
-# interrupted ablation from its last checkpoint (every 25 steps). THREADS (default 2) sets the torch threads of each run.
+# The paper's ablations on ShapesEval (docs/comparison.md), one training seed each under the arms' protocol
+# (benchmarks/comparison_protocol.sh): Flow-GRPO-Fast, online Diffusion-DPO (group best vs worst), offline DGPO, DGPO on
+# SDE rollouts, DGPO without timestep clipping; Flow-GRPO and Flow-GRPO-Fast at the rate Flow-GRPO's tuning screens chose
+# (half the shipped one). DGPO's and Flow-GRPO's seed-0 arms (benchmarks/comparison_arms.sh, $ARMS, default
+# results/compare) are copied in as the references when absent, and reused as finished runs. Writes $OUTPUT (default
+# results/compare/ablations), DGPO its baseline; --reuse resumes an interrupted ablation from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/comparison_protocol.sh
 OUTPUT=${OUTPUT:-results/compare/ablations}
 ARMS=${ARMS:-results/compare}
 for arm in dgpo flow_grpo; do
@@ -26,6 +26,4 @@ dgpo compare \
   flow_grpo=$S/flow_grpo_half_lr.yaml \
   flow_grpo_fast=$S/flow_grpo_fast_half_lr.yaml \
   "$@" \
-  --output "$OUTPUT" --seeds 1 --budget-steps 1000 --budget-forwards 2.304e6 --eval-every 50 --eval-images 48 \
-  --final-eval-images 96 --threshold 0.75 --threshold 0.8 --threshold 0.85 --confirm 1 --baseline dgpo \
-  --save-every 25 --set eval.guidance_scale=4.5 --set run.threads=${THREADS:-2} --reuse
+  --output "$OUTPUT" --seeds 1 --baseline dgpo "${RUN_PROTOCOL[@]}"
