@@ -396,7 +396,9 @@ def absolute_origin(module: str, is_package: bool, node: ast.ImportFrom) -> str:
 
 @register_reward("test_brightness")
 def brightness_reward():
-    """The mean pixel of each image (tests/test_sharding.py's launched script and its unsharded runs in the test process)."""
+    """The mean pixel of each image, for the multi-process runs of tests/test_train.py and tests/test_sharding.py and their
+    one-process references: continuous in the pixels, so last-bit differences between batch layouts stay last-bit
+    differences in the rewards (a JPEG's size can jump by a byte)."""
     return lambda images, prompts, metadata: images.mean(dim=(1, 2, 3)).tolist()
 
 
