@@ -140,14 +140,14 @@ def train_recording_group_sums(overrides: list[str]) -> tuple[Trainer, list[dict
 TWO_PROCESS_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[3])
-from helpers import train_recording_group_sums
+from helpers import train_recording_group_sums, trainable_state
 
 runs, out = json.loads(sys.argv[1]), sys.argv[2]
 for name, overrides in runs.items():
     trainer, sums = train_recording_group_sums(overrides)
     rank_sums = trainer.acc.gather_for_metrics([sums], use_gather_object=True)
     if trainer.acc.is_main_process:
-        torch.save({"params": {n: p.detach() for n, p in trainer.policy.trainable}, "history": trainer.counters.history,
+        torch.save({"params": trainable_state(trainer), "history": trainer.counters.history,
                     "sums": rank_sums}, f"{out}/{name}.pt")
 torch.distributed.destroy_process_group()  # a gloo group alive at exit can abort the process in teardown
 """
