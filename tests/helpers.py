@@ -10,6 +10,7 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,9 +122,13 @@ def tiny_dgpo_recipe(model_dir, folder):
     return recipe
 
 
-def train_recording_group_sums(overrides: list[str]) -> tuple[Trainer, list[dict[int, float]]]:
-    """Train ``overrides`` in this process: the trainer, and the cross-rank group sums of every step as this rank saw them."""
+def train_recording_group_sums(overrides: list[str], resume_from: str | None = None) -> tuple[Trainer, list[dict[int, float]]]:
+    """Train ``overrides`` in this process, resuming from a copy of the checkpoint folder ``resume_from`` where one is
+    given: the trainer, and the cross-rank group sums of every step as this rank saw them."""
     trainer = Trainer(load_config(None, overrides), log=lambda *a: None)
+    if resume_from and trainer.acc.is_main_process:
+        shutil.copytree(resume_from, trainer.checkpoint_dir / Path(resume_from).name)
+    trainer.acc.wait_for_everyone()
     sums = []
     original = trainer.collectives.group_sum
 
@@ -133,39 +138,45 @@ def train_recording_group_sums(overrides: list[str]) -> tuple[Trainer, list[dict
         return totals
 
     trainer.collectives.group_sum = recording_group_sum
-    trainer.train()
+    trainer.train(resume=resume_from is not None)
     return trainer, sums
 
 
 TWO_PROCESS_SCRIPT = """
 import json, sys, torch
+import torch.distributed as dist
 sys.path.insert(0, sys.argv[3])
-from helpers import train_recording_group_sums, trainable_state
+from helpers import held_bytes, train_recording_group_sums, whole_state  # registers the test rewards too
 
-runs, out = json.loads(sys.argv[1]), sys.argv[2]
-for name, overrides in runs.items():
-    trainer, sums = train_recording_group_sums(overrides)
-    rank_sums = trainer.acc.gather_for_metrics([sums], use_gather_object=True)
-    if trainer.acc.is_main_process:
-        torch.save({"params": trainable_state(trainer), "history": trainer.counters.history,
-                    "sums": rank_sums}, f"{out}/{name}.pt")
-torch.distributed.destroy_process_group()  # a gloo group alive at exit can abort the process in teardown
+jobs, out = json.loads(sys.argv[1]), sys.argv[2]
+results = {}
+for job in jobs:
+    trainer, sums = train_recording_group_sums(job["overrides"], job.get("resume_from"))
+    trainer.export_adapter(trainer.output / "adapter")
+    result = results[job["name"]] = whole_state(trainer)
+    for key, mine in (("sums", sums), ("bytes", held_bytes(trainer))):
+        result[key] = [None] * dist.get_world_size()
+        dist.all_gather_object(result[key], mine)
+if dist.get_rank() == 0:
+    torch.save(results, out + "/results.pt")
+dist.destroy_process_group()  # a gloo group alive at exit can abort the process in teardown
 """
 
 
-def train_on_two_processes(runs: dict[str, list[str]], out: Path) -> dict[str, dict]:
-    """Train each of ``runs`` (name: overrides), one after another, on two CPU processes of one torchrun launch (one
-    launch, since starting the processes costs more than the tiny runs): by name, the main process's parameters and
-    history, and every rank's group sums."""
+def train_on_two_processes(jobs: list[dict], out: Path) -> dict[str, dict]:
+    """Train each job (``name``, ``overrides``, optionally ``resume_from`` a checkpoint folder), one after another, on two
+    CPU processes of one torchrun launch (one launch, since starting the processes costs more than the tiny runs), each
+    exporting its adapter into its output folder. By name: the whole trained state (``whole_state``, gathered from
+    shards), and every rank's group sums and held bytes (``held_bytes``)."""
     out.mkdir(parents=True, exist_ok=True)
     script = out / "run.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29502 + os.getpid() % 1000),
-           str(script), json.dumps(runs), str(out), str(Path(__file__).parent)]
+           str(script), json.dumps(jobs), str(out), str(Path(__file__).parent)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return {name: torch.load(out / f"{name}.pt") for name in runs}
+    return torch.load(out / "results.pt")
 
 
 # ----- `dgpo train` in a subprocess, with a test reward that can be slowed or fail ------------------------------------

@@ -5,9 +5,7 @@ One torchrun launch trains every sharded configuration in turn (a launch costs m
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,41 +13,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import SD3Transformer2DModel
-from helpers import FLOW_GRPO, held_bytes, start_training, tiny_overrides, whole_state, write_recipe
+from helpers import FLOW_GRPO, held_bytes, start_training, tiny_overrides, train_on_two_processes, whole_state, write_recipe
 from safetensors.torch import load_file
 
 from dgpo.errors import UserError
 from dgpo.train.config import ConfigError, load_config
 from dgpo.train.loop import Trainer, refuse_sharded_launch
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process tests run on Linux")
-
-SCRIPT = """
-import json, shutil, sys, torch
-import torch.distributed as dist
-from dgpo.train.config import load_config
-from dgpo.train.loop import Trainer
-
-jobs, out = json.loads(sys.argv[1]), sys.argv[2]
-sys.path.insert(0, sys.argv[3])
-from helpers import held_bytes, whole_state  # registers the test reward too
-
-results = {}
-for job in jobs:
-    trainer = Trainer(load_config(None, job["overrides"]), log=lambda *a: None)
-    if job.get("copy_from") and trainer.acc.is_main_process:
-        shutil.copytree(job["copy_from"], str(trainer.checkpoint_dir / "step-00000001"))
-    trainer.acc.wait_for_everyone()
-    trainer.train(resume=job.get("resume", False))
-    trainer.export_adapter(trainer.output / "adapter")
-    results[job["name"]] = whole_state(trainer)
-    results[job["name"]]["bytes"] = [None] * dist.get_world_size()
-    dist.all_gather_object(results[job["name"]]["bytes"], held_bytes(trainer))
-if trainer.acc.is_main_process:
-    torch.save(results, out + "/results.pt")
-dist.destroy_process_group()  # a gloo group alive at exit can abort the process in teardown
-"""
 
 VARIANTS = {
     "lora-dgpo": {},
@@ -59,17 +30,6 @@ VARIANTS = {
     "full-flow-grpo": {**FLOW_GRPO, "model.lora_rank": 0},
 }
 REWARD = {"reward.weights": {"test_brightness": 1.0}}
-
-
-def launch(nproc: int, jobs: list[dict], out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.py").write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(29400 + nproc + os.getpid() % 1000),
-           str(out / "run.py"), json.dumps(jobs), str(out), str(Path(__file__).parent)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out / "results.pt")
 
 
 def sharded(model_dir, output_dir, variant: dict, **extra) -> list[str]:
@@ -97,9 +57,9 @@ def two_ranks(tiny_model_dir, tmp_path_factory):
     """Every variant trained on 2 sharded ranks; then the LoRA DGPO run resumed from its step-1 checkpoint on 2 ranks."""
     tmp = tmp_path_factory.mktemp("sharded")
     jobs = [{"name": name, "overrides": sharded(tiny_model_dir, tmp / name, variant)} for name, variant in VARIANTS.items()]
-    jobs.append({"name": "resumed-on-2", "overrides": sharded(tiny_model_dir, tmp / "resumed-on-2", {}), "resume": True,
-                 "copy_from": str(first_checkpoint(tmp))})
-    return tmp, launch(2, jobs, tmp)
+    jobs.append({"name": "resumed-on-2", "overrides": sharded(tiny_model_dir, tmp / "resumed-on-2", {}),
+                 "resume_from": str(first_checkpoint(tmp))})
+    return tmp, train_on_two_processes(jobs, tmp)
 
 
 def first_checkpoint(tmp: Path) -> Path:

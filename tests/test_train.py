@@ -204,8 +204,9 @@ TWO_PROCESS_REWARD = {"reward.weights": {"test_brightness": 1.0}}
 def two_process_runs(tiny_model_dir, tmp_path_factory):
     """Every algorithm's tiny run on two processes, each group of 4 split 2 + 2 over them."""
     out = tmp_path_factory.mktemp("two-processes")
-    return train_on_two_processes({name: tiny_overrides(tiny_model_dir, out / name, **{**variant, "data.micro_batch": 2, **TWO_PROCESS_REWARD})
-                                   for name, variant in ALGORITHMS.items()}, out)
+    jobs = [{"name": name, "overrides": tiny_overrides(tiny_model_dir, out / name, **{**variant, "data.micro_batch": 2, **TWO_PROCESS_REWARD})}
+            for name, variant in ALGORITHMS.items()]
+    return train_on_two_processes(jobs, out)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
