@@ -172,3 +172,22 @@ def test_compare_rejects_duplicate_names_and_unknown_baseline(tmp_path, capsys):
 def test_compare_rejects_malformed_recipe_arguments(text, tmp_path, capsys):
     assert main(["compare", text, "--output", str(tmp_path)]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_every_recipe_is_timed_to_the_score_every_baseline_seed_confirmed():
+    curves = {
+        # The baseline's seeds confirm 0.53 and 0.47 (seed 0's 0.56 is its last evaluation, unconfirmed): the lower counts.
+        "flow_grpo": {0: [_row(0, 0, 0, 0.4), _row(10, 100, 8000, 0.52), _row(20, 200, 16000, 0.53), _row(30, 300, 24000, 0.56)],
+                      1: [_row(0, 0, 0, 0.4), _row(10, 100, 8000, 0.47), _row(20, 200, 16000, 0.48), _row(30, 300, 24000, 0.45)]},
+        "dgpo": {0: [_row(0, 0, 0, 0.4), _row(10, 40, 1000, 0.46), _row(20, 80, 2000, 0.5), _row(30, 120, 3000, 0.55)],
+                 1: [_row(0, 0, 0, 0.4), _row(10, 40, 1000, 0.48), _row(20, 80, 2000, 0.49), _row(30, 120, 3000, 0.40)]},
+    }
+    summary = summarize(curves, [0.5], "flow_grpo")
+    assert summary["baseline_best"] == 0.47
+    grpo, dgpo = summary["recipes"]["flow_grpo"]["to_baseline_best"], summary["recipes"]["dgpo"]["to_baseline_best"]
+    assert grpo["reached_seeds"] == 2 and grpo["forward_equivalents"] == 8000.0
+    # dgpo seed 0 holds 0.47 from step 20 (0.46 at step 10 is below it), seed 1 from step 10.
+    assert [c["step"] for c in dgpo["per_seed"]] == [20, 10] and dgpo["ratio"]["bound"] == "exact"
+    assert dgpo["ratio"]["forwards"] == pytest.approx(1500 / 8000) and dgpo["ratio"]["seconds"] == pytest.approx(60 / 100)
+    assert "flow_grpo's confirmed best, 0.4700" in markdown_summary(summary)
+    assert "0.19x [0.12, 0.25] / 0.60x [0.40, 0.80]" in markdown_summary(summary)
