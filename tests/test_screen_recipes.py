@@ -19,6 +19,7 @@ SCREEN_SETS = {
     "benchmarks/comparison_screens.sh": "results/comparison/screens/runs",
     "benchmarks/comparison_arms.sh": "results/compare/runs",
     "benchmarks/comparison_ablations.sh": "results/compare/ablations/runs",
+    "benchmarks/comparison_cfg_free.sh": "results/compare/cfg_free/runs",
 }
 # The fields `dgpo compare` sets for every recipe (its protocol) and the overrides the scripts pass to all of them.
 PROTOCOL_FIELDS = ("run.seed", "run.max_steps", "run.max_seconds", "run.max_forward_equivalents", "run.threads", "eval.every",
