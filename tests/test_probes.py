@@ -34,3 +34,22 @@ def test_the_probe_reads_a_saved_model_directory_and_writes_its_json(probe, tmp_
     assert set(report["pairs"]) == set(probe.PAIRS) and report["command"].startswith("python benchmarks/probes/text_features.py --model")
     assert all(r["sequence"] > 0 and len(r["tokens"]) == len(r["token_differences"]) for r in report["pairs"].values())
     assert "colour binding" in capsys.readouterr().out
+
+
+def test_the_seen_combinations_probe_splits_every_prompt_of_a_category_as_training_does(tmp_path):
+    from dgpo.shapes.prompts import test_specs, train_specs
+
+    probe = load_benchmark("probes/shapes_seen_combinations")
+    build_tiny_model().save_pretrained(tmp_path / "tiny")
+    args = ["--model", str(tmp_path / "tiny"), "--category", "counting", "--category", "position", "--images-per-prompt", "2",
+            "--threads", "1", "--output", str(tmp_path / "combos.json")]
+    report = probe.main(args)
+    assert json.loads((tmp_path / "combos.json").read_text()) == report
+    for category, rates in report["models"]["base"].items():
+        splits = {"train": {s.prompt for s in train_specs() if s.category == category}, "test": {s.prompt for s in test_specs() if s.category == category}}
+        assert {p for p, row in rates["prompts"].items() if row["split"] == "train"} == splits["train"]
+        assert {p for p, row in rates["prompts"].items() if row["split"] == "test"} == splits["test"]
+        assert all(row["pass"] in (0.0, 0.5, 1.0) for row in rates["prompts"].values()), "two images a prompt"
+        assert rates["test_mean"] == pytest.approx(sum(rates["prompts"][p]["pass"] for p in splits["test"]) / len(splits["test"]))
+    # The images are keyed by prompt and index: the same model measures the same.
+    assert probe.main(args) == report
