@@ -261,11 +261,9 @@ def summarize(curves: dict[str, dict[int, list[dict]]], thresholds: list[float],
 
 def _ratio_cell(entry: dict) -> str:
     ratio = entry["ratio"]
-    if "seconds" not in ratio:
-        return "-"
-    sign = {"exact": "", "lower": ">= ", "upper": "<= "}[ratio["bound"]]
+    sign = {"exact": "", "lower": ">= ", "upper": "<= ", "none": ""}[ratio["bound"]]
     return " / ".join(f"{sign}{ratio[unit]:.2f}x [{ratio[unit + '_interval'][0]:.2f}, {ratio[unit + '_interval'][1]:.2f}]"
-                      for unit in ("forwards", "seconds"))
+                      if unit in ratio else "-" for unit in ("forwards", "seconds"))
 
 
 def _cost_cell(entry: dict) -> str:
