@@ -34,11 +34,10 @@ def pass_rates(model, category: str, images_per_prompt: int, settings: SamplerSe
     """Per prompt of ``category`` (train and test split): its pass rate over ``images_per_prompt`` keyed images."""
     specs = [(split, spec) for split, chosen in (("train", train_specs()), ("test", test_specs())) for spec in chosen
              if spec.category == category]
-    prompts = [spec.prompt for _, spec in specs for _ in range(images_per_prompt)]
-    keys = [("seen_combinations", spec.prompt, k) for _, spec in specs for k in range(images_per_prompt)]
-    images = generate(model, prompts, keys, settings, batch_size)
-    passed = np.asarray([verify(spec, image).passed for (_, spec), image in
-                         zip((s for s in specs for _ in range(images_per_prompt)), images)], dtype=float)
+    images_of = [(spec, k) for _, spec in specs for k in range(images_per_prompt)]
+    images = generate(model, [spec.prompt for spec, _ in images_of], [("seen_combinations", spec.prompt, k) for spec, k in images_of],
+                      settings, batch_size)
+    passed = np.asarray([verify(spec, image).passed for (spec, _), image in zip(images_of, images)], dtype=float)
     per_prompt = {spec.prompt: {"split": split, "pass": float(passed[i * images_per_prompt:(i + 1) * images_per_prompt].mean())}
                   for i, (split, spec) in enumerate(specs)}
     return {"prompts": per_prompt,
