@@ -10,7 +10,8 @@ from helpers import tiny_dgpo_recipe
 
 from dgpo.cli import main
 from dgpo.evaluators import get_evaluator
-from dgpo.train.compare import markdown_summary, summarize, time_to_threshold
+from dgpo.machine import describe_machine, machine_label
+from dgpo.train.compare import NOT_RECORDED, markdown_summary, summarize, time_to_threshold
 
 
 def _row(step, seconds, forwards, overall):
@@ -94,6 +95,10 @@ def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert summary["recipes"]["dgpo"]["thresholds"]["0.0"]["step"] == 0
     assert summary["recipes"]["flow_grpo"]["thresholds"]["0.99"]["reached_seeds"] == 0
     assert (out / "curves.png").stat().st_size > 0 and "flow_grpo" in (out / "summary.md").read_text()
+    # Both ran here: one machine, so no note on the seconds.
+    here = machine_label(describe_machine())
+    assert summary["machines"] == {"dgpo": [here], "flow_grpo": [here]}
+    assert "different machines" not in (out / "summary.md").read_text()
     # A second call with --reuse trains nothing and reproduces the summary.
     assert main([*argv, "--reuse"]) == 0
     assert json.loads((out / "summary.json").read_text())["recipes"] == summary["recipes"]
@@ -104,10 +109,15 @@ def test_compare_cli_runs_two_recipes_on_a_tiny_model(tiny_model_dir, tmp_path):
     shutil.rmtree(out)
     at_moved = [str(moved) if arg == str(out) else arg for arg in argv]
     finished = moved / "runs" / "dgpo" / "seed-0" / "results.json"
+    # A run made before machines were recorded is reused, and the summary says its seconds' machine is unknown.
+    grpo_results = moved / "runs" / "flow_grpo" / "seed-0" / "results.json"
+    grpo_results.write_text(json.dumps({k: v for k, v in json.loads(grpo_results.read_text()).items() if k != "machines"}))
     written = finished.stat().st_mtime_ns
     assert main([*at_moved, "--reuse"]) == 0
     assert finished.stat().st_mtime_ns == written
-    assert json.loads((moved / "summary.json").read_text())["recipes"] == summary["recipes"]
+    rebuilt = json.loads((moved / "summary.json").read_text())
+    assert rebuilt["recipes"] == summary["recipes"] and rebuilt["machines"] == {"dgpo": [here], "flow_grpo": [NOT_RECORDED]}
+    assert f"dgpo: {here}; flow_grpo: {NOT_RECORDED}" in (moved / "summary.md").read_text()
     assert main([*at_moved, "--reuse", "--set", "optim.lr=0.01"]) == 0
     assert finished.stat().st_mtime_ns != written
 
@@ -130,6 +140,9 @@ def test_compare_reuse_resumes_an_interrupted_run_where_its_last_checkpoint_left
     # Step 3 and the final evaluation are redone, once each, and match the uninterrupted run's.
     assert [int(r["step"]) for r in resumed] == [int(r["step"]) for r in whole] == [0, 1, 2, 3]
     assert [(r["overall"], r["forward_equivalents"]) for r in resumed] == [(r["overall"], r["forward_equivalents"]) for r in whole]
+    # The checkpoint carried the machine of the steps before it: resumed on the same machine, one stretch from step 0.
+    stretches = json.loads((run / "results.json").read_text())["machines"]
+    assert [(s["from_step"], s["machine"]) for s in stretches] == [(0, describe_machine())]
 
 
 def test_compare_forward_budget_stops_a_recipe_at_the_step_that_spends_it(tiny_model_dir, tmp_path):

@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
 from ..evaluators import NONE, get_evaluator, out_of_domain_of, resolve_evaluator, scores_of  # noqa: E402
+from ..machine import machine_label  # noqa: E402
 from .checkpoint import latest_good_checkpoint  # noqa: E402
 from .compare_budget import Budget  # noqa: E402
 from .config import ConfigError, config_from_dict, load_config  # noqa: E402
@@ -272,9 +273,28 @@ def _cost_cell(entry: dict) -> str:
             f"({entry['reached_seeds']}/{entry['seeds']}) / {_ratio_cell(entry)}")
 
 
+NOT_RECORDED = "not recorded"
+
+
+def run_machines(run_dir: Path) -> list[str]:
+    """The machines that trained a finished run (``machines`` in its results.json), or NOT_RECORDED for a run made
+    before they were recorded."""
+    stretches = json.loads((run_dir / "results.json").read_text()).get("machines")
+    return [machine_label(s["machine"]) for s in stretches] if stretches else [NOT_RECORDED]
+
+
+def machines_note(machines: dict[str, list[str]]) -> str | None:
+    """A line saying which machines the seconds come from, when they are not all one machine's."""
+    if len({label for labels in machines.values() for label in labels}) <= 1:
+        return None
+    return ("Training seconds measured on different machines, so the ratios in seconds compare the machines as well as the "
+            "recipes (forwards do not depend on the machine): " + "; ".join(f"{name}: {', '.join(labels)}" for name, labels in machines.items()) + ".")
+
+
 def markdown_summary(summary: dict) -> str:
     """One row per recipe; each cost cell: forwards / seconds (seeds reaching) / ratio to the baseline in forwards /
-    in seconds with its 95% interval, ">=" where a seed fell short (a bound)."""
+    in seconds with its 95% interval, ">=" where a seed fell short (a bound); under it, which machines trained the
+    recipes when they differ."""
     thresholds, baseline, best = summary["thresholds"], summary["baseline"], summary.get("baseline_best")
     columns = [f"to {t}" for t in thresholds] + ([f"to {baseline}'s confirmed best, {best:.4f}"] if best is not None else [])
     header = ("| recipe | seeds | start | best | confirmed best | final +- se (step) | "
@@ -287,7 +307,8 @@ def markdown_summary(summary: dict) -> str:
         confirmed = "-" if entry["confirmed_best"] is None else f"{entry['confirmed_best']:.4f}"
         lines.append(f"| {name} | {len(entry['seeds'])} | {entry['start']:.4f} | {entry['best']:.4f} | {confirmed} | "
                      f"{entry['final']:.4f} +- {entry['final_se']:.4f} ({entry['final_step']}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    note = machines_note(summary.get("machines", {}))
+    return "\n".join(lines + ([f"\n{note}"] if note else []))
 
 
 def plot_comparison(summary: dict, path: Path) -> None:
@@ -343,6 +364,9 @@ def run_comparison(
         writer.writeheader()
         writer.writerows(all_rows)
     summary = summarize(curves, thresholds, baseline, confirmations)
+    summary["machines"] = {name: list(dict.fromkeys(label for seed in range(budget.seeds)
+                                                    for label in run_machines(output / "runs" / name / f"seed-{seed}")))
+                           for name, _ in recipes}
     plot_comparison(summary, output / "curves.png")
     summary["budget"] = budget.__dict__
     summary["overrides"] = list(overrides)

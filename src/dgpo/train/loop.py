@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..machine import describe_machine
 from ..models import load_model
 from ..models.base import index_embeddings
 from ..models.common import check_prompt_lengths
@@ -194,6 +195,7 @@ class Trainer:
         """Checkpoint the step (every process calls it; ``training_checkpoint.py``)."""
         c = self.counters
         state = {"step": c.step, "forward_equivalents": c.forward_equivalents, "elapsed_seconds": c.elapsed_seconds, "history": c.history,
+                 "machines": c.machines,
                  "config": self.config.to_dict(), "run_state": self.state.state_dict(), "prompt_sampler": self.prompt_sampler.state_dict()}
         path = save_training_checkpoint(self.checkpoint_dir, c.step, state, self.policy, self.optimizer, self._emas(), self.sharding.sharded,
                                         self.collectives, self.acc.is_main_process, self.config.run.keep_checkpoints)
@@ -210,7 +212,9 @@ class Trainer:
             self.log(f"no checkpoint in {self.checkpoint_dir}; starting from step 0")
             return False
         state = load_training_checkpoint(path, self.policy, self.optimizer, self._emas(), self.sharding.sharded, self.config.model.sharding)
-        self.counters = StepCounters(state["step"], state["forward_equivalents"], state["elapsed_seconds"], state["history"])
+        # Checkpoints written before the machines were recorded start the list at the resume.
+        self.counters = StepCounters(state["step"], state["forward_equivalents"], state["elapsed_seconds"], state["history"],
+                                     state.get("machines", []))
         # Checkpoints written before RunState kept only the KL weights, at the top level.
         self.state.load_state_dict(state.get("run_state", {"kl_beta": state.get("kl_beta")}), log=self.log)
         self.prompt_sampler.load_state_dict(state.get("prompt_sampler", {}))
@@ -255,6 +259,7 @@ class Trainer:
             save_config(self.config, self.output / "config.yaml")
         if resume:
             self.resume()
+        self.counters.enter_machine(describe_machine())
         self.metrics_log.rewrite(self.counters.history)
         previous = self._install_signal_handlers()
         r = self.config.run

@@ -15,6 +15,14 @@ class StepCounters:
     forward_equivalents: float = 0.0
     elapsed_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    # Which machine trained which steps: one stretch per start or resume on a machine unlike the last one's
+    # ({"from_step", "from_seconds", "machine"}), so seconds summed over a resumed run say what they add up.
+    machines: list[dict] = field(default_factory=list)
+
+    def enter_machine(self, machine: dict) -> None:
+        """Training goes on from here on ``machine`` (dgpo.machine.describe_machine)."""
+        if not self.machines or self.machines[-1]["machine"] != machine:
+            self.machines.append({"from_step": self.step, "from_seconds": self.elapsed_seconds, "machine": machine})
 
     def budget_spent(self, max_steps: int, max_seconds: float = 0.0, max_forward_equivalents: float = 0.0) -> float:
         """The largest share spent of the run's budgets: steps, and training seconds and forward equivalents
