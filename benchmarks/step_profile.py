@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import tempfile
@@ -22,15 +21,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from dgpo.machine import describe_machine
 from dgpo.train.config import load_config
 from dgpo.train.loop import Trainer
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     result = {
         "command": shlex.join(["python", "benchmarks/step_profile.py", *(argv if argv is not None else sys.argv[1:])]),
-        "cpu": cpu_name(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": args.threads,
-        "torch": torch.__version__,
+        **describe_machine(),
         "steps": steps,
         "profiled_step": steps[-1]["step"],
         "note": ("the profiled step runs under torch.profiler, which adds some overhead to its seconds; "
