@@ -1,9 +1,12 @@
 """The machine a run's seconds were measured on: described, labelled, and kept per stretch of training."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from dgpo.machine import describe_machine, machine_label
+from dgpo.train.compare import NOT_RECORDED, run_machines
 from dgpo.train.state import StepCounters
 
 
@@ -25,3 +28,12 @@ def test_a_stretch_starts_only_where_the_machine_changes():
     counters.enter_machine(there)  # resumed elsewhere: a new one from here
     assert counters.machines == [{"from_step": 0, "from_seconds": 0.0, "machine": here},
                                  {"from_step": 25, "from_seconds": 60.0, "machine": there}]
+
+
+def test_steps_trained_before_machines_were_recorded_are_named_so(tmp_path):
+    here = describe_machine()
+    for stretches, expected in [([], [NOT_RECORDED]),
+                                ([{"from_step": 0, "from_seconds": 0.0, "machine": here}], [machine_label(here)]),
+                                ([{"from_step": 25, "from_seconds": 60.0, "machine": here}], [NOT_RECORDED, machine_label(here)])]:
+        (tmp_path / "results.json").write_text(json.dumps({"machines": stretches}))
+        assert run_machines(tmp_path) == expected

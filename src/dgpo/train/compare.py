@@ -277,10 +277,11 @@ NOT_RECORDED = "not recorded"
 
 
 def run_machines(run_dir: Path) -> list[str]:
-    """The machines that trained a finished run (``machines`` in its results.json), or NOT_RECORDED for a run made
-    before they were recorded."""
-    stretches = json.loads((run_dir / "results.json").read_text()).get("machines")
-    return [machine_label(s["machine"]) for s in stretches] if stretches else [NOT_RECORDED]
+    """The machines that trained a finished run (``machines`` in its results.json), NOT_RECORDED for the steps of a
+    run made (or begun, before a resume) before they were recorded."""
+    stretches = json.loads((run_dir / "results.json").read_text()).get("machines") or []
+    unrecorded = not stretches or stretches[0]["from_step"] > 0
+    return [NOT_RECORDED] * unrecorded + [machine_label(s["machine"]) for s in stretches]
 
 
 def machines_note(machines: dict[str, list[str]]) -> str | None:
