@@ -81,6 +81,21 @@ def check_model(preflight: Preflight) -> list[str]:
     return list(preflight.model.problems) if preflight.model is not None else []
 
 
+@register_check("init_adapter")
+def check_init_adapter(preflight: Preflight) -> list[str]:
+    """model.init_adapter, where set, names a LoRA weights file (its modules and shapes are checked when the model loads)."""
+    from .models.merge import find_lora
+
+    path = preflight.config.model.init_adapter
+    if not path:
+        return []
+    try:
+        find_lora(path)
+    except FileNotFoundError as exc:
+        return [f"model.init_adapter: {exc}"]
+    return []
+
+
 @register_check("rewards")
 def check_rewards(preflight: Preflight) -> list[str]:
     """Each training reward with its reward.options, and each eval.metrics reward as the trainer builds it (without

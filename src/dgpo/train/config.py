@@ -136,6 +136,7 @@ class Config(Freezable):
              f"reward.options names rewards without a weight: {sorted(set(self.reward.options) - set(self.reward.weights))}"),
             (m.resolution >= 0, f"model.resolution must be >= 0 (0 = the backend's default), got {m.resolution}"),
             (m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}"),
+            (not m.init_adapter or m.lora_rank > 0, "model.init_adapter starts a LoRA from trained weights: it needs model.lora_rank > 0"),
             (m.mixed_precision in PRECISIONS, f"model.mixed_precision must be {', '.join(PRECISIONS)}, got {m.mixed_precision!r}"),
             (m.sharding in SHARDINGS, f"model.sharding must be {' or '.join(SHARDINGS.names())}, got {m.sharding!r}"),
             (not m.cpu_offload or m.sharding == "fsdp2", "model.cpu_offload needs model.sharding=fsdp2"),

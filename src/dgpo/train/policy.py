@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.base import FlowModelAdapter, PromptEmbeddings, cat_embeddings, index_embeddings
+from ..models.merge import find_lora
 from ..seeding import stable_seed
 from .config import Config, ModelConfig
 from .ema import ParameterEMA
@@ -26,12 +30,37 @@ def attach_trainable(model, cfg: ModelConfig) -> list[tuple[str, torch.nn.Parame
         transformer.add_adapter(
             LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, init_lora_weights="gaussian")
         )
+        if cfg.init_adapter:
+            load_initial_adapter(transformer, cfg.init_adapter, cfg.lora_alpha)
         named = [(n, p) for n, p in transformer.named_parameters() if "lora_" in n]
         for _, p in named:
             p.requires_grad_(True)
         return named
     transformer.requires_grad_(True)
     return list(transformer.named_parameters())
+
+
+def load_initial_adapter(transformer, path: str | Path, lora_alpha: float) -> None:
+    """Overwrite the transformer's fresh LoRA (peft's ``default`` adapter) with the trained one at ``path`` (see
+    ``find_lora``), which must wrap the same modules with the same rank and alpha: continuing a run's adapter under a
+    new recipe, or fine-tuning a published one further."""
+    weights = find_lora(path)
+    with safe_open(str(weights), "pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        state = {name.removeprefix("transformer."): f.get_tensor(name) for name in f.keys()}
+    alpha = metadata.get("transformer.lora_alpha")
+    if alpha is not None and float(alpha) != float(lora_alpha):
+        raise ValueError(f"model.init_adapter {str(path)!r} was trained with lora_alpha {alpha}, this run sets model.lora_alpha {lora_alpha}")
+    expected = get_peft_model_state_dict(transformer)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"model.init_adapter {str(path)!r} wraps other modules than this run's LoRA: "
+                         f"{len(missing)} of its weights missing (e.g. {missing[:1]}), {len(extra)} extra (e.g. {extra[:1]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"model.init_adapter {str(path)!r}: {name} has shape {tuple(tensor.shape)}, this run's LoRA "
+                             f"{tuple(expected[name].shape)} (a different model.lora_rank or model)")
+    set_peft_model_state_dict(transformer, {name: tensor.to(expected[name].dtype) for name, tensor in state.items()})
 
 
 class Policy:

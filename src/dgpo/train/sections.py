@@ -39,6 +39,9 @@ class ModelConfig(Freezable):
     lora_rank: int = _help("LoRA rank; 0 trains all transformer weights", default=16)
     lora_alpha: float = _help("LoRA alpha (scale = alpha / rank)", default=32.0)
     lora_targets: list[str] = _help("module names LoRA wraps; empty = the adapter's attention projections", default_factory=list)
+    init_adapter: str = _help("start the LoRA from a trained one instead of from the run seed: a `dgpo train` run directory, its "
+                              "adapter/ directory or the weights file, of the same rank, alpha and modules; the KL reference stays "
+                              "the base model (empty = a fresh LoRA)", default="")
     mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", default="no")
     gradient_checkpointing: bool = _help("recompute transformer activations in the backward pass (less memory, ~30% slower)", default=False)
     sharding: str = _help("none (every process holds the whole transformer) or fsdp2 (each transformer block and the root sharded "
