@@ -2,12 +2,11 @@
 adapter that does not fit the run's LoRA is one line naming the mismatch."""
 import pytest
 import torch
+from helpers import tiny_overrides, trainable_state
 
 from dgpo.cli import main
 from dgpo.train.config import ConfigError, load_config
 from dgpo.train.loop import Trainer
-
-from helpers import tiny_overrides, trainable_state
 
 
 @pytest.fixture(scope="module")
