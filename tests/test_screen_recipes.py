@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCREEN_SETS = {
     "benchmarks/recipe_screens.sh": "results/recipe_screens/runs",
     "benchmarks/recipe_screens_round2.sh": "results/recipe_screens_round2/runs",
+    "benchmarks/recipe_screens_round3.sh": "results/recipe_screens_round3/runs",
     "benchmarks/comparison_screens.sh": "results/comparison/screens/runs",
     "benchmarks/comparison_arms.sh": "results/compare/runs",
     "benchmarks/comparison_ablations.sh": "results/compare/ablations/runs",
