@@ -7,6 +7,8 @@
 # arm's runs in; --reuse keeps finished runs and resumes an unfinished one from its last checkpoint. DGPO's arm is the
 # recipe benchmark's two seeds (benchmarks/dgpo_shapes_cpu.py, the same training): its committed seeds are copied into
 # $OUTPUT/runs/dgpo when absent there, and reused as finished runs.
+# Copy a finished run into results/compare/runs with benchmarks/copy_run.sh (KEEP_CHECKPOINT=1 for one stopped
+# part-way, so that a later session resumes it from its newest checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/comparison_protocol.sh

@@ -1,12 +1,14 @@
 """The timing benchmarks of benchmarks/ on the tiny model: gpu_sd35m_step.py and gpu_fsdp2_step.py time the trainer's own
 rollout and update (their code path runs here); dgpo_shapes_cpu.py resumes a seed only under the config its checkpoints
-were trained with; screen_readout.py compares a set of screens with their baseline."""
+were trained with; screen_readout.py compares a set of screens with their baseline; copy_run.sh copies a run in to commit it."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
-from helpers import load_benchmark
+from helpers import BENCHMARKS, load_benchmark
 
 from dgpo.train.config import load_config, save_config
 
@@ -120,3 +122,28 @@ def test_training_readout_averages_each_window_per_category(tmp_path):
     assert windows[2]["grad_norm"] is None and "| 3-4 | 0.350 / 0.50 |" in (tmp_path / "readout.md").read_text()
     with pytest.raises(SystemExit, match="has no metrics.jsonl"):
         readout.main([str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("keep_checkpoint, checkpoints", [("1", ["step-00000050"]), ("0", [])])
+def test_copy_run_leaves_out_tensorboard_and_all_checkpoints_but_the_newest_when_asked(tmp_path, keep_checkpoint, checkpoints):
+    run = tmp_path / "run"
+    for folder in ("adapter", "tensorboard", "checkpoints/step-00000025", "checkpoints/step-00000050"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "file").write_text(folder)
+    (run / "config.yaml").write_text("run: {}\n")
+    dest = tmp_path / "results" / "seed-0"
+    dest.mkdir(parents=True)
+    (dest / "stale.txt").write_text("from an earlier copy")
+    done = subprocess.run(["bash", str(BENCHMARKS / "copy_run.sh"), str(run), str(dest)], env={**os.environ, "KEEP_CHECKPOINT": keep_checkpoint},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["adapter", "config.yaml", *(["checkpoints"] if checkpoints else [])])
+    if checkpoints:
+        assert sorted(p.name for p in (dest / "checkpoints").iterdir()) == checkpoints
+    assert (run / "tensorboard" / "file").is_file() and (run / "checkpoints" / "step-00000025" / "file").is_file()
+
+
+def test_copy_run_refuses_a_folder_that_is_not_a_run(tmp_path):
+    done = subprocess.run(["bash", str(BENCHMARKS / "copy_run.sh"), str(tmp_path), str(tmp_path / "dest")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip() == f"copy_run.sh: {tmp_path} is not a run directory (no config.yaml)"
+    assert not (tmp_path / "dest").exists()
