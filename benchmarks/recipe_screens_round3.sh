@@ -14,6 +14,7 @@ dgpo compare \
   strict=$S/dgpo_plateau_strict.yaml \
   mixed=$S/dgpo_plateau_mixed.yaml \
   cosine=$S/dgpo_plateau_cosine.yaml \
+  eval_ema=$S/dgpo_plateau_eval_ema.yaml \
   "$@" \
   --output "$OUTPUT" --budget-steps 150 --eval-every 50 --eval-images 48 --final-eval-images 96 \
   --threshold 0.85 --threshold 0.875 --threshold 0.9 --confirm 1 --baseline plateau --save-every 25 \
