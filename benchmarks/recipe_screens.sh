@@ -8,6 +8,7 @@
 # last checkpoint (every 25 steps). THREADS (default 2) sets the torch threads of each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/screen_protocol.sh
 OUTPUT=${OUTPUT:-results/recipe_screens}
 S=configs/shapes/screens
 dgpo compare \
@@ -20,6 +21,4 @@ dgpo compare \
   eval_ema=$S/dgpo_eval_ema.yaml \
   clip_p90=$S/dgpo_clip_p90.yaml \
   "$@" \
-  --output "$OUTPUT" --budget-steps 150 --eval-every 50 --eval-images 48 --final-eval-images 96 \
-  --threshold 0.75 --threshold 0.8 --threshold 0.85 --confirm 1 --baseline dgpo --save-every 25 \
-  --set run.threads=${THREADS:-2} --reuse
+  --output "$OUTPUT" --threshold 0.75 --threshold 0.8 --threshold 0.85 --baseline dgpo "${SCREEN_PROTOCOL[@]}"

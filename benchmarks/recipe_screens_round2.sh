@@ -7,6 +7,7 @@
 # --reuse resumes an interrupted screen from its last checkpoint. THREADS (default 2) sets the torch threads of each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/screen_protocol.sh
 OUTPUT=${OUTPUT:-results/recipe_screens_round2}
 S=configs/shapes/screens
 if [ ! -e "$OUTPUT/runs/dgpo/seed-0" ]; then
@@ -17,6 +18,4 @@ dgpo compare \
   t055_k3=$S/dgpo_two_updates_t055_k3.yaml \
   three_updates=$S/dgpo_three_updates.yaml \
   "$@" \
-  --output "$OUTPUT" --budget-steps 150 --eval-every 50 --eval-images 48 --final-eval-images 96 \
-  --threshold 0.75 --threshold 0.8 --threshold 0.85 --confirm 1 --baseline dgpo --save-every 25 \
-  --set run.threads=${THREADS:-2} --reuse
+  --output "$OUTPUT" --threshold 0.75 --threshold 0.8 --threshold 0.85 --baseline dgpo "${SCREEN_PROTOCOL[@]}"

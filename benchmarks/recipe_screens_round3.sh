@@ -7,6 +7,7 @@
 # from its last checkpoint. THREADS (default 2) sets the torch threads of each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/screen_protocol.sh
 OUTPUT=${OUTPUT:-results/recipe_screens_round3}
 S=configs/shapes/screens
 dgpo compare \
@@ -16,6 +17,4 @@ dgpo compare \
   cosine=$S/dgpo_plateau_cosine.yaml \
   eval_ema=$S/dgpo_plateau_eval_ema.yaml \
   "$@" \
-  --output "$OUTPUT" --budget-steps 150 --eval-every 50 --eval-images 48 --final-eval-images 96 \
-  --threshold 0.85 --threshold 0.875 --threshold 0.9 --confirm 1 --baseline plateau --save-every 25 \
-  --set run.threads=${THREADS:-2} --reuse
+  --output "$OUTPUT" --threshold 0.85 --threshold 0.875 --threshold 0.9 --baseline plateau "${SCREEN_PROTOCOL[@]}"

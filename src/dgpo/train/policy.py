@@ -64,8 +64,8 @@ def load_initial_adapter(transformer, path: str | Path, lora_alpha: float) -> No
 
 
 class Policy:
-    """``model`` with trainable weights attached (LoRA, initialised from the run seed) and ``texts`` embedded and
-    cached (then the text encoders offloaded, with model.offload_text_encoders)."""
+    """``model`` with trainable weights attached (LoRA, initialised from the run seed or model.init_adapter) and ``texts``
+    embedded and cached (then the text encoders offloaded, with model.offload_text_encoders)."""
 
     def __init__(self, model: FlowModelAdapter, config: Config, texts: list[str], shard=None):
         """``shard``: wraps a transformer for a sharded model.sharding once its trainable weights are attached (it
