@@ -5,7 +5,8 @@
 #                                                       `dgpo compare --reuse` or `dgpo train --resume` continues from there,
 #                                                       on this machine or another: the run records each stretch's machine)
 # TensorBoard logs are left out; DEST is replaced. Stop a run before copying it: a checkpoint is written atomically, but
-# the files beside it move on with the run.
+# the files beside it move on with the run. The repository ignores results/**/checkpoints/ (a finished run is committed
+# without them), so a kept checkpoint gets a .gitignore beside it that re-includes it: `git add DEST` then commits it.
 set -euo pipefail
 if [ $# -ne 2 ]; then echo "usage: [KEEP_CHECKPOINT=1] bash benchmarks/copy_run.sh RUN_DIR DEST" >&2; exit 2; fi
 src=$1
@@ -14,13 +15,15 @@ if [ ! -f "$src/config.yaml" ]; then echo "copy_run.sh: $src is not a run direct
 rm -rf "$dest"
 mkdir -p "$(dirname "$dest")"
 cp -r "$src" "$dest"
-rm -rf "$dest/tensorboard"
+rm -rf "$dest/tensorboard" "$dest/.gitignore"  # a .gitignore is this script's, from an earlier copy of a stopped run
 kept=none
 if [ -d "$dest/checkpoints" ]; then
   newest=$(find "$dest/checkpoints" -mindepth 1 -maxdepth 1 -name 'step-*' | sort | tail -n 1)
   if [ "${KEEP_CHECKPOINT:-0}" = 1 ] && [ -n "$newest" ]; then
     find "$dest/checkpoints" -mindepth 1 -maxdepth 1 ! -path "$newest" -exec rm -rf {} +
     kept=$(basename "$newest")
+    printf '%s\n' "# written by benchmarks/copy_run.sh: this run stopped part-way, and its newest checkpoint is committed to resume it" \
+      '!checkpoints/' > "$dest/.gitignore"
   else
     rm -rf "$dest/checkpoints"
   fi

@@ -137,10 +137,35 @@ def test_copy_run_leaves_out_tensorboard_and_all_checkpoints_but_the_newest_when
     done = subprocess.run(["bash", str(BENCHMARKS / "copy_run.sh"), str(run), str(dest)], env={**os.environ, "KEEP_CHECKPOINT": keep_checkpoint},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in dest.iterdir()) == sorted(["adapter", "config.yaml", *(["checkpoints"] if checkpoints else [])])
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["adapter", "config.yaml", *([".gitignore", "checkpoints"] if checkpoints else [])])
     if checkpoints:
         assert sorted(p.name for p in (dest / "checkpoints").iterdir()) == checkpoints
     assert (run / "tensorboard" / "file").is_file() and (run / "checkpoints" / "step-00000025" / "file").is_file()
+
+
+@pytest.mark.parametrize("keep_checkpoint", ["1", "0"])
+def test_copy_run_lets_git_commit_a_kept_checkpoint_and_a_finished_copy_drops_the_exception(tmp_path, keep_checkpoint):
+    """The repository ignores results/**/checkpoints/; the checkpoint of a run stopped part-way must still reach git."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text((BENCHMARKS.parent / ".gitignore").read_text())
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000025").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000025" / "state.pt").write_text("state")
+    (run / "config.yaml").write_text("run: {}\n")
+    (run / ".gitignore").write_text("!checkpoints/\n")  # carried from an earlier copy of the run when it was stopped
+    dest = repo / "results" / "compare" / "runs" / "awm" / "seed-1"
+    done = subprocess.run(["bash", str(BENCHMARKS / "copy_run.sh"), str(run), str(dest)], env={**os.environ, "KEEP_CHECKPOINT": keep_checkpoint},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    listed = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "-uall", "results"], capture_output=True, text=True, check=True).stdout
+    tracked = sorted(line[3:] for line in listed.splitlines())
+    prefix = "results/compare/runs/awm/seed-1/"
+    if keep_checkpoint == "1":
+        assert tracked == [prefix + ".gitignore", prefix + "checkpoints/step-00000025/state.pt", prefix + "config.yaml"]
+    else:
+        assert tracked == [prefix + "config.yaml"]
 
 
 def test_copy_run_refuses_a_folder_that_is_not_a_run(tmp_path):
