@@ -18,6 +18,7 @@ SCREEN_SETS = {
     "benchmarks/recipe_screens.sh": "results/recipe_screens/runs",
     "benchmarks/recipe_screens_round2.sh": "results/recipe_screens_round2/runs",
     "benchmarks/recipe_screens_round3.sh": "results/recipe_screens_round3/runs",
+    "benchmarks/recipe_screens_round4.sh": "results/recipe_screens_round4/runs",
     "benchmarks/comparison_screens.sh": "results/comparison/screens/runs",
     "benchmarks/comparison_arms.sh": "results/compare/runs",
     "benchmarks/comparison_ablations.sh": "results/compare/ablations/runs",
