@@ -174,6 +174,8 @@ def test_wrong_type_is_one_line_error_naming_the_key(override, key):
         (["loss.t_min=-0.1"], ["t_min"]),
         (["optim.lr=-1e-4"], ["optim.lr"]),
         (["optim.lr=0"], ["optim.lr"]),
+        (["optim.decay_steps=-1"], ["optim.decay_steps"]),
+        (["run.max_steps=100", "optim.decay_steps=101"], ["optim.decay_steps", "run.max_steps (100)"]),
         (["reward.std_mode=median"], ["reward.std_mode", "median"]),
         (["loss.grid_points=11"], ["loss.grid_points", "10"]),
         (["rollout.num_steps=3"], ["loss.grid_points"]),  # default grid_points 5 > 3 steps

@@ -175,12 +175,13 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_model_dir, tmp_path
 
 
 def test_training_sets_the_scheduled_learning_rate_at_every_step(tiny_model_dir, tmp_path):
-    overrides = {"run.max_steps": 3, "optim.lr_schedule": "linear", "optim.lr": 1e-3}
+    # the linear decay over the last three of four steps: the rate held for the first two, then falling
+    overrides = {"run.max_steps": 4, "optim.lr_schedule": "linear", "optim.decay_steps": 3, "optim.lr": 1e-3}
     trainer = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **overrides)))
     trainer.train()
     logged = [h["lr"] for h in trainer.counters.history]
-    assert logged == [learning_rate(step, 1e-3, "linear", 0, 3) for step in range(3)]
-    assert logged[0] > logged[1] > logged[2] > 0
+    assert logged == [learning_rate(step, 1e-3, "linear", 0, 4, decay_steps=3) for step in range(4)]
+    assert logged[0] == logged[1] > logged[2] > logged[3] > 0
     assert all(group["lr"] == logged[-1] for group in trainer.optimizer.param_groups)
 
 

@@ -110,6 +110,24 @@ def test_learning_rate_warms_up_then_follows_its_schedule_to_the_last_step():
     assert warm == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr, lr, 0.9 * lr])
 
 
+def test_a_decay_over_the_last_steps_holds_the_rate_then_follows_the_schedule_to_zero():
+    lr, steps = 1e-3, 20
+    # decay_steps 5: optim.lr through step 15, then the schedule over the last five steps, as the whole-run schedule
+    # over five steps would run
+    held = [learning_rate(k, lr, "cosine", 0, steps, decay_steps=5) for k in range(steps + 1)]
+    assert held[:16] == [lr] * 16
+    assert held[15:] == pytest.approx([learning_rate(k, lr, "cosine", 0, 5) for k in range(6)])
+    assert held[15] > held[16] > held[17] > held[18] > held[19] > held[20] == pytest.approx(0.0, abs=1e-20)
+    # with a warm-up, the warm-up still comes first; a decay longer than what follows the warm-up starts after it
+    warm = [learning_rate(k, lr, "linear", 4, steps, decay_steps=5) for k in range(steps + 1)]
+    assert warm[:4] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr]) and warm[4:16] == [lr] * 12
+    assert [learning_rate(k, lr, "linear", 4, 14, decay_steps=14) for k in range(6)] == \
+        pytest.approx([learning_rate(k, lr, "linear", 4, 14) for k in range(6)])
+    # decay_steps 0 (the default) is the whole-run schedule
+    assert [learning_rate(k, lr, "cosine", 2, steps, decay_steps=0) for k in range(steps)] == \
+        [learning_rate(k, lr, "cosine", 2, steps) for k in range(steps)]
+
+
 def test_config_refuses_an_unknown_schedule():
     with pytest.raises(ConfigError, match="optim.lr_schedule must be one of constant, cosine, linear"):
         load_config(None, ["optim.lr_schedule=step"])

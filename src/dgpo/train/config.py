@@ -146,6 +146,8 @@ class Config(Freezable):
             (self.optim.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {', '.join(OPTIMIZERS.names())}, got {self.optim.optimizer!r}"),
             (self.optim.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES.names())}, got {self.optim.lr_schedule!r}"),
             (self.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}"),
+            (0 <= self.optim.decay_steps <= self.run.max_steps,
+             f"optim.decay_steps must be between 0 and run.max_steps ({self.run.max_steps}), got {self.optim.decay_steps}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.run.max_seconds >= 0, f"run.max_seconds must be >= 0 (0 = no limit), got {self.run.max_seconds}"),
             (self.run.max_forward_equivalents >= 0, f"run.max_forward_equivalents must be >= 0 (0 = no limit), got {self.run.max_forward_equivalents}"),

@@ -176,7 +176,7 @@ class Trainer:
                         total[1] += 1
         self.sharding.reduce_gradients(self.collectives, policy.parameters)
         grad_norm = clip_grad_norm(policy.parameters, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
-        lr = learning_rate(step, c.optim.lr, c.optim.lr_schedule, c.optim.warmup_steps, c.run.max_steps)
+        lr = learning_rate(step, c.optim.lr, c.optim.lr_schedule, c.optim.warmup_steps, c.run.max_steps, c.optim.decay_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

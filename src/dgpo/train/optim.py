@@ -83,9 +83,11 @@ def linear_schedule(progress: float) -> float:
     return 1.0 - progress
 
 
-def learning_rate(step: int, lr: float, schedule: str, warmup_steps: int, max_steps: int) -> float:
+def learning_rate(step: int, lr: float, schedule: str, warmup_steps: int, max_steps: int, decay_steps: int = 0) -> float:
     """optim.lr at 0-based ``step``: a linear warm-up over the first ``warmup_steps`` steps, then ``schedule`` over the rest of
-    run.max_steps. A function of the step alone, so a resumed run follows the uninterrupted one's learning rates."""
+    run.max_steps, or with ``decay_steps`` > 0 over its last ``decay_steps`` steps only, the rate held at optim.lr before
+    them (warm-up, stable, decay). A function of the step alone, so a resumed run follows the uninterrupted one's rates."""
     warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, max_steps - warmup_steps)))
+    start = max(warmup_steps, max_steps - decay_steps) if decay_steps > 0 else warmup_steps
+    progress = min(1.0, max(0.0, (step - start) / max(1, max_steps - start)))
     return lr * warmup * LR_SCHEDULES.get(schedule)(progress)

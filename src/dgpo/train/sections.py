@@ -163,6 +163,8 @@ class OptimConfig(Freezable):
     lr_schedule: str = _help("learning-rate schedule over run.max_steps (registered, dgpo.train.optim.LR_SCHEDULES): constant, "
                              "cosine (to 0) or linear (to 0); a run stopped by run.max_seconds ends before the schedule does", default="constant")
     warmup_steps: int = _help("linear learning-rate warm-up over the first N steps (0 = none)", default=0)
+    decay_steps: int = _help("run optim.lr_schedule over the last N steps of run.max_steps only, the rate held at optim.lr before "
+                             "them (a warm-up, stable, decay schedule); 0 = over every step after the warm-up", default=0)
     updates_per_rollout: int = _help("optimizer steps on each rollout batch (fresh training timesteps and noise each; "
                                      "Flow-GRPO's inner epochs; 1 = the paper's DGPO)", default=1)
 
