@@ -54,16 +54,20 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(runs: dict[str, dict], baseline: str, last: int) -> str:
-    base = runs[baseline]["final"]
+def markdown(runs: dict[str, dict], baseline: str, last: int, pairs: dict[str, str]) -> str:
+    """One row per screen, compared with the baseline or, for a screen in pairs, with its own baseline (a replicate
+    started elsewhere); a screen that is a baseline shows no comparison."""
+    baselines = {baseline, *pairs.values()}
     header = (f"| screen | evaluations (step: score) | final (images) | vs {baseline} (+- se) | training reward, last {last} steps: "
               f"{', '.join(CATEGORIES)} | no-preference groups | forwards / step | artifact, diversity |")
     rows = [header, "|" + "---|" * 8]
     for name, run in runs.items():
         f = run["final"]
+        against = pairs.get(name, baseline)
+        base = runs[against]["final"]
         diff = f["overall"] - base["overall"]
         se = math.hypot(f["se"], base["se"])
-        versus = "-" if name == baseline else f"{diff:+.3f} +- {se:.3f}"
+        versus = "-" if name in baselines else f"{diff:+.3f} +- {se:.3f}" + ("" if against == baseline else f" (vs {against})")
         evaluations = ", ".join(f"{s}: {v:.3f}" for s, v in run["evaluations"])
         rewards = ", ".join(fmt(run["training_reward_last"][c], 2) for c in CATEGORIES)
         rows.append(f"| {name} | {evaluations} | {f['overall']:.3f} ({f['num_images']}) | {versus} | {rewards} | "
@@ -77,21 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", required=True, help="the screen the others are compared with")
     p.add_argument("--last", type=int, default=50, help="steps the training readout averages over (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="training seed of the runs read (default: 0)")
+    p.add_argument("--pair", action="append", default=[], metavar="SCREEN=BASELINE",
+                   help="compare SCREEN with BASELINE instead of --baseline (a replicate started from another model; repeatable)")
     args = p.parse_args(argv)
+    pairs = dict(pair.split("=", 1) for pair in args.pair if "=" in pair)
+    if len(pairs) != len(args.pair):
+        raise SystemExit(f"screen_readout: --pair takes SCREEN=BASELINE, got {[a for a in args.pair if '=' not in a]}")
     runs = {}
     for folder in sorted((args.output / "runs").iterdir()):
         run = folder / f"seed-{args.seed}"
         if (run / "results.json").exists():
             runs[folder.name] = read_run(run, args.last)
-    if args.baseline not in runs:
-        raise SystemExit(f"screen_readout: no finished run of the baseline {args.baseline!r} in {args.output / 'runs'}")
+    for name in (args.baseline, *pairs, *pairs.values()):
+        if name not in runs:
+            raise SystemExit(f"screen_readout: no finished run of {name!r} in {args.output / 'runs'}")
     runs = {args.baseline: runs.pop(args.baseline), **runs}
-    table = markdown(runs, args.baseline, args.last)
+    table = markdown(runs, args.baseline, args.last, pairs)
     print(table)
     command = "python benchmarks/screen_readout.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     (args.output / "readout.md").write_text(f"{table}\n\nCommand: `{command}` ({date.today().isoformat()})\n")
     (args.output / "readout.json").write_text(json.dumps({"command": command, "date": date.today().isoformat(), "baseline": args.baseline,
-                                                          "last_steps": args.last, "runs": runs}, indent=1) + "\n")
+                                                          "pairs": pairs, "last_steps": args.last, "runs": runs}, indent=1) + "\n")
     return 0
 
 

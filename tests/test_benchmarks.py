@@ -82,8 +82,24 @@ def test_screen_readout_compares_each_screen_with_the_baseline(tmp_path):
     assert change["final"]["se"] == pytest.approx((4 * 0.7 * 0.3 / 100) ** 0.5 / 4)
     se = (saved["runs"]["base"]["final"]["se"] ** 2 + change["final"]["se"] ** 2) ** 0.5
     assert f"+0.200 +- {se:.3f}" in (tmp_path / "readout.md").read_text()
-    with pytest.raises(SystemExit, match="no finished run of the baseline 'missing'"):
+    with pytest.raises(SystemExit, match="no finished run of 'missing'"):
         readout.main([str(tmp_path), "--baseline", "missing"])
+
+
+def test_screen_readout_compares_a_replicate_with_its_own_baseline(tmp_path):
+    readout = load_benchmark("screen_readout")
+    _screen_run(tmp_path / "runs" / "base" / "seed-0", [0.5, 0.5, 0.5, 0.5], 100, [0.1] * 4, [0.5] * 4)
+    _screen_run(tmp_path / "runs" / "base_s1" / "seed-0", [0.6, 0.6, 0.6, 0.6], 100, [0.1] * 4, [0.5] * 4)
+    _screen_run(tmp_path / "runs" / "change_s1" / "seed-0", [0.7, 0.7, 0.7, 0.7], 100, [0.1] * 4, [0.5] * 4)
+    readout.main([str(tmp_path), "--baseline", "base", "--pair", "change_s1=base_s1"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[3] for line in (tmp_path / "readout.md").read_text().splitlines()[2:5]}
+    se = (4 * 0.6 * 0.4 / 100 + 4 * 0.7 * 0.3 / 100) ** 0.5 / 4  # of the difference, change_s1 against base_s1
+    assert rows == {"base": "-", "base_s1": "-", "change_s1": f"+0.100 +- {se:.3f} (vs base_s1)"}
+    assert json.loads((tmp_path / "readout.json").read_text())["pairs"] == {"change_s1": "base_s1"}
+    with pytest.raises(SystemExit, match="no finished run of 'gone'"):
+        readout.main([str(tmp_path), "--baseline", "base", "--pair", "change_s1=gone"])
+    with pytest.raises(SystemExit, match="--pair takes SCREEN=BASELINE"):
+        readout.main([str(tmp_path), "--baseline", "base", "--pair", "change_s1"])
 
 
 def test_a_seed_keeps_its_adapters_metrics_and_evaluations_without_checkpoints(tmp_path):
