@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair", action="append", default=[], metavar="SCREEN=BASELINE",
                    help="compare SCREEN with BASELINE instead of --baseline (a replicate started from another model; repeatable)")
     args = p.parse_args(argv)
-    pairs = dict(pair.split("=", 1) for pair in args.pair if "=" in pair)
-    if len(pairs) != len(args.pair):
-        raise SystemExit(f"screen_readout: --pair takes SCREEN=BASELINE, got {[a for a in args.pair if '=' not in a]}")
+    malformed = [pair for pair in args.pair if "=" not in pair]
+    if malformed:
+        raise SystemExit(f"screen_readout: --pair takes SCREEN=BASELINE, got {malformed}")
+    pairs = dict(pair.split("=", 1) for pair in args.pair)
     runs = {}
     for folder in sorted((args.output / "runs").iterdir()):
         run = folder / f"seed-{args.seed}"
