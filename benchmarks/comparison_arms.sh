@@ -8,7 +8,7 @@
 # recipe benchmark's two seeds (benchmarks/dgpo_shapes_cpu.py, the same training): its committed seeds are copied into
 # $OUTPUT/runs/dgpo when absent there, and reused as finished runs.
 # Copy a finished run into results/compare/runs with benchmarks/copy_run.sh (KEEP_CHECKPOINT=1 for one stopped
-# part-way, so that a later session resumes it from its newest checkpoint).
+# part-way, so that a later run of this script resumes it from its newest checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/comparison_protocol.sh
