@@ -174,6 +174,37 @@ def test_compare_trains_every_seed_and_keeps_each_in_the_curves(tiny_model_dir, 
     assert summary["recipes"]["dgpo"]["seeds"] == [0, 1] and summary["budget"]["seeds"] == 2
 
 
+def test_a_recipe_can_keep_more_seeds_than_the_others(tiny_model_dir, tmp_path):
+    """One-seed ablations against a baseline measured with two seeds: the baseline's seeds are all in its curve, its
+    costs and the ratios' bootstrap, the ablation trains only seed 0."""
+    recipe = tiny_dgpo_recipe(tiny_model_dir, tmp_path)
+    out = tmp_path / "ablations"
+    assert main(["compare", f"dgpo={recipe}", f"ablation={recipe}", "--output", str(out), "--budget-steps", "1", "--eval-every", "1",
+                 "--eval-images", "1", "--seeds", "1", "--recipe-seeds", "dgpo=2", "--baseline", "dgpo", "--threshold", "0.0"]) == 0
+    assert sorted(p.name for p in (out / "runs" / "dgpo").iterdir()) == ["seed-0", "seed-1"]
+    assert sorted(p.name for p in (out / "runs" / "ablation").iterdir()) == ["seed-0"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipes"]["dgpo"]["seeds"] == [0, 1] and summary["recipes"]["ablation"]["seeds"] == [0]
+    assert summary["recipes"]["dgpo"]["curve"][-1]["seeds"] == 2 and summary["recipe_seeds"] == {"dgpo": 2}
+    assert summary["recipes"]["ablation"]["thresholds"]["0.0"]["seeds"] == 1
+    assert len(summary["recipes"]["dgpo"]["thresholds"]["0.0"]["per_seed"]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe-seeds", "b=2"], "not one of the recipes"),
+    (["--recipe-seeds", "a=0"], "at least one seed"),
+])
+def test_compare_rejects_bad_recipe_seeds(argv, message, tmp_path, capsys):
+    assert main(["compare", "a=x.yaml", "--output", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_rejects_a_recipe_seed_count_that_is_not_a_number(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "a=x.yaml", "--output", str(tmp_path), "--recipe-seeds", "a=two"])
+    assert "expected NAME=N" in capsys.readouterr().err
+
+
 def test_compare_rejects_duplicate_names_and_unknown_baseline(tmp_path, capsys):
     assert main(["compare", "a=x.yaml", "a=y.yaml", "--output", str(tmp_path)]) == 2
     assert "unique" in capsys.readouterr().err

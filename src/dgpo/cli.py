@@ -87,7 +87,7 @@ def cmd_compare(args) -> int:
     budget = Budget(args.budget_steps, args.budget_seconds, args.budget_forwards, args.eval_every, args.eval_images, args.seeds,
                     args.final_eval_images, args.save_every)
     summary = run_comparison(recipes, Path(args.output), budget, args.threshold, args.set or [], args.baseline, args.reuse,
-                             confirmations=args.confirm)
+                             confirmations=args.confirm, recipe_seeds=dict(args.recipe_seeds or []))
     print(markdown_summary(summary))
     print(f"\nwrote {args.output}/curves.csv, curves.png, summary.json, summary.md")
     return 0
@@ -210,6 +210,14 @@ def _reward_option(text: str) -> tuple[str, str, object]:
     return reward, name, value
 
 
+def _recipe_seeds(text: str) -> tuple[str, int]:
+    """NAME=N: a recipe's own count of training seeds in `dgpo compare`."""
+    name, sep, count = text.partition("=")
+    if not sep or not name or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=N (a recipe and its number of seeds), got {text!r}")
+    return name, int(count)
+
+
 def cmd_serve_reward(args) -> int:
     from .rewards.remote import serve
 
@@ -288,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in OUTPUT/runs whose config matches")
     p.add_argument("--seeds", type=int, default=Budget.seeds,
                    help="training seeds per recipe (run.seed 0..N-1); the summary gives mean +- se and bootstrap intervals (default: 1)")
+    p.add_argument("--recipe-seeds", action="append", type=_recipe_seeds, metavar="NAME=N",
+                   help="seeds of one recipe instead of --seeds (repeatable), e.g. a baseline measured with two seeds beside "
+                        "one-seed ablations")
     _add_import_arg(p)
     p.set_defaults(fn=cmd_compare)
 

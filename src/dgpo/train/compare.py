@@ -341,7 +341,11 @@ def run_comparison(
     reuse: bool = False,
     log=print,
     confirmations: int = 1,
+    recipe_seeds: dict[str, int] | None = None,
 ) -> dict:
+    """Train (or, with ``reuse``, reuse or resume) every recipe's seeds and write the curves and summary. Each recipe
+    trains ``budget.seeds`` seeds, or the count ``recipe_seeds`` gives it, so a reference recipe measured with more
+    seeds (the baseline of one-seed ablations) keeps all of them in the summary."""
     names = [name for name, _ in recipes]
     if len(set(names)) != len(names):
         raise ValueError(f"recipe names must be unique, got {names}")
@@ -350,13 +354,20 @@ def run_comparison(
         raise ValueError(f"baseline {baseline!r} is not one of the recipes {names}")
     if budget.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {budget.seeds}")
+    recipe_seeds = dict(recipe_seeds or {})
+    for name, count in recipe_seeds.items():
+        if name not in names:
+            raise ValueError(f"--recipe-seeds names {name!r}, which is not one of the recipes {names}")
+        if count < 1:
+            raise ValueError(f"--recipe-seeds {name}={count}: a recipe needs at least one seed")
+    seeds = {name: range(recipe_seeds.get(name, budget.seeds)) for name in names}
     if confirmations < 0:
         raise ValueError(f"--confirm must be >= 0, got {confirmations}")
     evaluators = [check_evaluates(name, path, list(overrides)) for name, path in recipes]
     thresholds = thresholds or default_thresholds(evaluators)
     output.mkdir(parents=True, exist_ok=True)
     curves = {
-        name: {seed: curve_rows(name, run_recipe(name, path, output, budget, list(overrides), reuse, seed, log), seed) for seed in range(budget.seeds)}
+        name: {seed: curve_rows(name, run_recipe(name, path, output, budget, list(overrides), reuse, seed, log), seed) for seed in seeds[name]}
         for name, path in recipes
     }
     with open(output / "curves.csv", "w", newline="") as handle:
@@ -365,11 +376,12 @@ def run_comparison(
         writer.writeheader()
         writer.writerows(all_rows)
     summary = summarize(curves, thresholds, baseline, confirmations)
-    summary["machines"] = {name: list(dict.fromkeys(label for seed in range(budget.seeds)
+    summary["machines"] = {name: list(dict.fromkeys(label for seed in seeds[name]
                                                     for label in run_machines(output / "runs" / name / f"seed-{seed}")))
                            for name, _ in recipes}
     plot_comparison(summary, output / "curves.png")
     summary["budget"] = budget.__dict__
+    summary["recipe_seeds"] = recipe_seeds
     summary["overrides"] = list(overrides)
     summary["recipes_run"] = {name: str(path) for name, path in recipes}
     (output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
