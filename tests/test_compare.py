@@ -11,7 +11,7 @@ from helpers import tiny_dgpo_recipe
 from dgpo.cli import main
 from dgpo.evaluators import get_evaluator
 from dgpo.machine import describe_machine, machine_label
-from dgpo.train.compare import NOT_RECORDED, markdown_summary, summarize, time_to_threshold
+from dgpo.train.compare import NOT_RECORDED, markdown_summary, seconds_axis_label, summarize, time_to_threshold
 
 
 def _row(step, seconds, forwards, overall):
@@ -203,6 +203,12 @@ def test_compare_rejects_a_recipe_seed_count_that_is_not_a_number(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["compare", "a=x.yaml", "--output", str(tmp_path), "--recipe-seeds", "a=two"])
     assert "expected NAME=N" in capsys.readouterr().err
+
+
+def test_the_seconds_axis_names_its_machine_or_points_to_the_note_when_runs_ran_on_several():
+    assert seconds_axis_label({"a": ["Intel Xeon"], "b": ["Intel Xeon"]}) == "training seconds (Intel Xeon)"
+    assert "several machines" in seconds_axis_label({"a": ["Intel Xeon"], "b": ["AMD EPYC", "Intel Xeon"]})
+    assert "several machines" in seconds_axis_label({"a": [NOT_RECORDED], "b": ["AMD EPYC"]})
 
 
 def test_compare_rejects_duplicate_names_and_unknown_baseline(tmp_path, capsys):

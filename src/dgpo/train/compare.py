@@ -292,6 +292,12 @@ def machines_note(machines: dict[str, list[str]]) -> str | None:
             "recipes (forwards do not depend on the machine): " + "; ".join(f"{name}: {', '.join(labels)}" for name, labels in machines.items()) + ".")
 
 
+def seconds_axis_label(machines: dict[str, list[str]]) -> str:
+    """The seconds axis of curves.png: the machine that trained every run, or a pointer to the summary's note on them."""
+    labels = {label for labels in machines.values() for label in labels}
+    return f"training seconds ({labels.pop()})" if len(labels) == 1 else "training seconds (several machines: summary.md)"
+
+
 def markdown_summary(summary: dict) -> str:
     """One row per recipe; each cost cell: forwards / seconds (seeds reaching) / ratio to the baseline in forwards /
     in seconds with its 95% interval, ">=" where a seed fell short (a bound); under it, which machines trained the
@@ -322,7 +328,7 @@ def plot_comparison(summary: dict, path: Path) -> None:
             x = [p[key] for p in curve]
             (line,) = ax.plot(x, mean, marker="o", label=f"{name} ({len(entry['seeds'])} seeds)")
             ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2)
-    for ax, xlabel in zip(axes, ("training seconds (this CPU)", "model forward-equivalents", "optimizer steps")):
+    for ax, xlabel in zip(axes, (seconds_axis_label(summary.get("machines", {})), "model forward-equivalents", "optimizer steps")):
         ax.set(xlabel=xlabel, ylabel="evaluation overall (mean +- se)", title=f"score vs {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
