@@ -4,8 +4,9 @@
 #   KEEP_CHECKPOINT=1 bash benchmarks/copy_run.sh ...   with its newest checkpoint only (a run stopped part-way, which
 #                                                       `dgpo compare --reuse` or `dgpo train --resume` continues from there,
 #                                                       on this machine or another: the run records each stretch's machine)
-# TensorBoard logs are left out; DEST is replaced. Stop a run before copying it: a checkpoint is written atomically, but
-# the files beside it move on with the run. The repository ignores results/**/checkpoints/ (a finished run is committed
+# TensorBoard logs are left out; DEST is replaced; the copy's records name DEST as their output_dir
+# (benchmarks/relocate_run.py), not the folder the run trained in. Stop a run before copying it: a checkpoint is
+# written atomically, but the files beside it move on with the run. The repository ignores results/**/checkpoints/ (a finished run is committed
 # without them), so a kept checkpoint gets a .gitignore beside it that re-includes it: `git add DEST` then commits it.
 set -euo pipefail
 if [ $# -ne 2 ]; then echo "usage: [KEEP_CHECKPOINT=1] bash benchmarks/copy_run.sh RUN_DIR DEST" >&2; exit 2; fi
@@ -28,4 +29,5 @@ if [ -d "$dest/checkpoints" ]; then
     rm -rf "$dest/checkpoints"
   fi
 fi
+python "$(dirname "$0")/relocate_run.py" "$dest" > /dev/null
 echo "copied $src to $dest (checkpoint kept: $kept)"

@@ -8,6 +8,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 from helpers import BENCHMARKS, load_benchmark
 
 from dgpo.train.config import load_config, save_config
@@ -169,7 +170,7 @@ def test_copy_run_lets_git_commit_a_kept_checkpoint_and_a_finished_copy_drops_th
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00000025").mkdir(parents=True)
     (run / "checkpoints" / "step-00000025" / "state.pt").write_text("state")
-    (run / "config.yaml").write_text("run: {}\n")
+    (run / "config.yaml").write_text("run: {output_dir: /home/someone/comparison/runs/awm/seed-1}\n")
     (run / ".gitignore").write_text("!checkpoints/\n")  # carried from an earlier copy of the run when it was stopped
     dest = repo / "results" / "compare" / "runs" / "awm" / "seed-1"
     done = subprocess.run(["bash", str(BENCHMARKS / "copy_run.sh"), str(run), str(dest)], env={**os.environ, "KEEP_CHECKPOINT": keep_checkpoint},
@@ -182,6 +183,29 @@ def test_copy_run_lets_git_commit_a_kept_checkpoint_and_a_finished_copy_drops_th
         assert tracked == [prefix + ".gitignore", prefix + "checkpoints/step-00000025/state.pt", prefix + "config.yaml"]
     else:
         assert tracked == [prefix + "config.yaml"]
+    # The committed record names where it lies in the repository, not the folder outside it that it trained in.
+    assert (dest / "config.yaml").read_text() == "run: {output_dir: results/compare/runs/awm/seed-1}\n"
+
+
+def test_copy_run_rewrites_the_recorded_output_dir_and_only_that_path(tmp_path):
+    run = tmp_path / "home" / "runs" / "seed-1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"run:\n  output_dir: {run}\n  seed: 1\n")
+    (run / "results.json").write_text(json.dumps({"output_dir": str(run), "sibling": f"{run}0", "config": {"run": {"output_dir": str(run)}}}))
+    (run / "report.md").write_text(f"# dgpo run report: {run}\n")
+    (run / "checkpoints" / "step-00000025").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000025" / "state.json").write_text(json.dumps({"config": {"run": {"output_dir": str(run)}}}))
+    dest = tmp_path / "elsewhere" / "seed-1"
+    done = subprocess.run(["bash", str(BENCHMARKS / "copy_run.sh"), str(run), str(dest)], env={**os.environ, "KEEP_CHECKPOINT": "1"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load((dest / "config.yaml").read_text())["run"] == {"output_dir": str(dest.resolve()), "seed": 1}
+    assert json.loads((dest / "results.json").read_text()) == {"output_dir": str(dest.resolve()), "sibling": f"{run}0",
+                                                              "config": {"run": {"output_dir": str(dest.resolve())}}}
+    assert (dest / "report.md").read_text() == f"# dgpo run report: {dest.resolve()}\n"
+    state = json.loads((dest / "checkpoints" / "step-00000025" / "state.json").read_text())
+    assert state["config"]["run"]["output_dir"] == str(dest.resolve())
+    assert (run / "config.yaml").read_text().startswith(f"run:\n  output_dir: {run}\n")
 
 
 def test_copy_run_refuses_a_folder_that_is_not_a_run(tmp_path):
