@@ -6,8 +6,9 @@
 #                                                       on this machine or another: the run records each stretch's machine)
 # TensorBoard logs are left out; DEST is replaced; the copy's records name DEST as their output_dir
 # (benchmarks/relocate_run.py), not the folder the run trained in. Stop a run before copying it: a checkpoint is
-# written atomically, but the files beside it move on with the run. The repository ignores results/**/checkpoints/ (a finished run is committed
-# without them), so a kept checkpoint gets a .gitignore beside it that re-includes it: `git add DEST` then commits it.
+# written atomically, but the files beside it move on with the run. The repository ignores results/**/checkpoints/ (a
+# finished run is committed without them), so a kept checkpoint gets a .gitignore beside it that re-includes it:
+# `git add DEST` then commits it.
 set -euo pipefail
 if [ $# -ne 2 ]; then echo "usage: [KEEP_CHECKPOINT=1] bash benchmarks/copy_run.sh RUN_DIR DEST" >&2; exit 2; fi
 src=$1

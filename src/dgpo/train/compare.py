@@ -284,9 +284,14 @@ def run_machines(run_dir: Path) -> list[str]:
     return [NOT_RECORDED] * unrecorded + [machine_label(s["machine"]) for s in stretches]
 
 
+def distinct_machines(machines: dict[str, list[str]]) -> set[str]:
+    """The machines that trained any of the recipes' runs (``machines``: recipe -> its runs' machine labels)."""
+    return {label for labels in machines.values() for label in labels}
+
+
 def machines_note(machines: dict[str, list[str]]) -> str | None:
     """A line saying which machines the seconds come from, when they are not all one machine's."""
-    if len({label for labels in machines.values() for label in labels}) <= 1:
+    if len(distinct_machines(machines)) <= 1:
         return None
     return ("Training seconds measured on different machines, so the ratios in seconds compare the machines as well as the "
             "recipes (forwards do not depend on the machine): " + "; ".join(f"{name}: {', '.join(labels)}" for name, labels in machines.items()) + ".")
@@ -294,7 +299,7 @@ def machines_note(machines: dict[str, list[str]]) -> str | None:
 
 def seconds_axis_label(machines: dict[str, list[str]]) -> str:
     """The seconds axis of curves.png: the machine that trained every run, or a pointer to the summary's note on them."""
-    labels = {label for labels in machines.values() for label in labels}
+    labels = distinct_machines(machines)
     return f"training seconds ({labels.pop()})" if len(labels) == 1 else "training seconds (several machines: summary.md)"
 
 
