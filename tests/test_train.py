@@ -105,6 +105,21 @@ def test_offline_pool_reuses_reference_samples(tiny_model_dir, tmp_path):
     assert forwards[3] - forwards[2] < forwards[1] - forwards[0]
 
 
+def test_offline_metrics_name_the_pool_prompts_and_a_resume_counts_the_pool_once(tiny_model_dir, tmp_path):
+    offline = {"rollout.offline_pool": 2, "run.max_steps": 4}
+    straight = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "a", **offline)))
+    straight.train()
+    by_category = [{k: v for k, v in h.items() if k.startswith("reward_by/")} for h in straight.counters.history]
+    # steps 2 and 3 train on pool slots 0 and 1 again: their per-category rewards are those slots', not the prompts drawn for steps 2 and 3
+    assert by_category[0] and by_category[2] == by_category[0] and by_category[3] == by_category[1]
+    Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "b", **{**offline, "run.max_steps": 3}))).train()
+    resumed = Trainer(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "b", **offline)))
+    resumed.train(resume=True)
+    # the resumed run regenerates pool slot 1 for step 3: the same samples, so the same rewards, counted once as uninterrupted
+    assert resumed.counters.history[-1]["reward_mean"] == straight.counters.history[-1]["reward_mean"]
+    assert resumed.counters.forward_equivalents == straight.counters.forward_equivalents
+
+
 def test_flow_grpo_refuses_offline_and_ode_rollouts(tiny_model_dir, tmp_path):
     from dgpo.train.config import ConfigError
 

@@ -93,7 +93,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         step = self.counters.step
         start = time.perf_counter()
-        step_prompts = self.prompt_sampler.draw(self.config.run.seed, step, self.layout.groups_per_step)
+        step_prompts = self.rollouts.group_prompts(step, self.prompt_sampler.draw(self.config.run.seed, step, self.layout.groups_per_step))
         sample_ids = [i for ids in self.layout.local_samples() for i in ids]
         scoring = self.scorer.start()
         rollout = self.rollouts(step, step_prompts, sample_ids, on_chunk=scoring.submit)

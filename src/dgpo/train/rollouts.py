@@ -83,23 +83,32 @@ class Rollouts:
                 return self.generate(step, step_prompts, sample_ids, on_chunk)
         slot = step % pool
         if slot not in self._offline:
+            # A run resumed past the pool's first pass regenerates its slots: the same keyed samples of the frozen
+            # reference that it counted before its checkpoint, so an uninterrupted run's count is kept.
             with self.policy.reference():
-                self._offline[slot] = self.generate(slot, self.offline_prompts(slot), sample_ids, on_chunk)
+                self._offline[slot] = self.generate(slot, self.offline_prompts(slot), sample_ids, on_chunk, count=step < pool)
             return self._offline[slot]
         for chunk in self._offline[slot].split(self.micro_batch):
             on_chunk(chunk)
         return self._offline[slot]
 
-    def generate(self, step: int, step_prompts: list[Prompt], sample_ids: list[int], on_chunk: Callable[[Rollout], None]) -> Rollout:
+    def group_prompts(self, step: int, drawn: list[Prompt]) -> list[Prompt]:
+        """The prompts of the step's groups: ``drawn`` online, the pool slot's offline."""
+        pool = self.config.offline_pool
+        return self.offline_prompts(step % pool) if pool else drawn
+
+    def generate(self, step: int, step_prompts: list[Prompt], sample_ids: list[int], on_chunk: Callable[[Rollout], None],
+                 count: bool = True) -> Rollout:
         chunks = []
         for start in range(0, len(sample_ids), self.micro_batch):
-            chunks.append(self.generate_chunk(step, step_prompts, sample_ids[start : start + self.micro_batch]))
+            chunks.append(self.generate_chunk(step, step_prompts, sample_ids[start : start + self.micro_batch], count))
             on_chunk(chunks[-1])
         return Rollout.cat(chunks)
 
     @torch.no_grad()
-    def generate_chunk(self, step: int, step_prompts: list[Prompt], sample_ids: list[int]) -> Rollout:
-        """Sample with the current weights from noise keyed per sample (and the SDE's per-step noise and window)."""
+    def generate_chunk(self, step: int, step_prompts: list[Prompt], sample_ids: list[int], count: bool = True) -> Rollout:
+        """Sample with the current weights from noise keyed per sample (and the SDE's per-step noise and window);
+        ``count``: add its forwards to ``count_forwards``."""
         prompts = [step_prompts[i // self.group_size] for i in sample_ids]
         noise = self.draws.rollout_noise(step, sample_ids)
         cond = self.policy.embed([p.text for p in prompts])
@@ -110,5 +119,6 @@ class Rollouts:
         with self.autocast():
             out = sample(self.policy.model, cond, uncond, noise, self.settings, return_trajectory=self.keep_trajectory, **sde)
         cfg_factor = 2 if self.settings.guidance_scale != 1 else 1
-        self.count_forwards(len(sample_ids) * self.settings.num_steps * cfg_factor)
+        if count:
+            self.count_forwards(len(sample_ids) * self.settings.num_steps * cfg_factor)
         return Rollout(sample_ids, out.latents, out.images, prompts, out.trajectory, out.log_probs)
