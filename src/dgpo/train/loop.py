@@ -79,7 +79,7 @@ class Trainer:
         self.collectives = Collectives(self.acc, self.layout)
         self.rollouts = Rollouts(self.policy, self.draws, r, d.group_size, d.micro_batch, self.algorithm.needs_trajectory,
                                  rollout_autocast(r.mixed_precision, self.acc),
-                                 self.count_forwards, lambda slot: self.prompt_sampler.draw(config.run.seed, slot, self.layout.groups_per_step))
+                                 self.count_forwards)
         self.counters = StepCounters()
         self.state = RunState.from_config(config.loss.kl_beta)
         self.metrics_log = MetricsLog(self.output, config, self.acc.is_main_process)
@@ -93,7 +93,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         step = self.counters.step
         start = time.perf_counter()
-        step_prompts = self.rollouts.group_prompts(step, self.prompt_sampler.draw(self.config.run.seed, step, self.layout.groups_per_step))
+        step_prompts = self.prompt_sampler.draw(self.config.run.seed, self.rollouts.prompt_step(step), self.layout.groups_per_step)
         sample_ids = [i for ids in self.layout.local_samples() for i in ids]
         scoring = self.scorer.start()
         rollout = self.rollouts(step, step_prompts, sample_ids, on_chunk=scoring.submit)

@@ -60,21 +60,20 @@ def rollout_autocast(mixed_precision: str, accelerator: Accelerator) -> Callable
 
 class Rollouts:
     """``group_size`` samples per prompt in chunks of ``micro_batch``; ``keep_trajectory`` records the SDE
-    trajectory and log-probs; ``count_forwards`` receives the model forwards done; ``offline_prompts(slot)``
-    gives an offline pool slot's prompts."""
+    trajectory and log-probs; ``count_forwards`` receives the model forwards done."""
 
     def __init__(self, policy: Policy, draws: Draws, config: RolloutConfig, group_size: int, micro_batch: int, keep_trajectory: bool,
-                 autocast: Callable[[], contextlib.AbstractContextManager], count_forwards: Callable[[float], None],
-                 offline_prompts: Callable[[int], list[Prompt]]):
+                 autocast: Callable[[], contextlib.AbstractContextManager], count_forwards: Callable[[float], None]):
         self.policy, self.draws, self.config = policy, draws, config
         self.group_size, self.micro_batch, self.keep_trajectory = group_size, micro_batch, keep_trajectory
-        self.autocast, self.count_forwards, self.offline_prompts = autocast, count_forwards, offline_prompts
+        self.autocast, self.count_forwards = autocast, count_forwards
         self.settings = config.sampler_settings
         self.stochastic = SAMPLER_REGISTRY.get(config.sampler).stochastic
         self._offline: dict[int, Rollout] = {}
 
     def __call__(self, step: int, step_prompts: list[Prompt], sample_ids: list[int], on_chunk: Callable[[Rollout], None] | None = None) -> Rollout:
-        """This process's samples of ``sample_ids``; ``on_chunk`` receives each chunk as soon as it is decoded."""
+        """This process's samples of ``sample_ids`` for the groups of ``step_prompts`` (the prompts drawn for
+        ``prompt_step(step)``); ``on_chunk`` receives each chunk as soon as it is decoded."""
         on_chunk = on_chunk or (lambda chunk: None)
         pool = self.config.offline_pool
         if not pool:
@@ -86,16 +85,16 @@ class Rollouts:
             # A run resumed past the pool's first pass regenerates its slots: the same keyed samples of the frozen
             # reference that it counted before its checkpoint, so an uninterrupted run's count is kept.
             with self.policy.reference():
-                self._offline[slot] = self.generate(slot, self.offline_prompts(slot), sample_ids, on_chunk, count=step < pool)
+                self._offline[slot] = self.generate(slot, step_prompts, sample_ids, on_chunk, count=step < pool)
             return self._offline[slot]
         for chunk in self._offline[slot].split(self.micro_batch):
             on_chunk(chunk)
         return self._offline[slot]
 
-    def group_prompts(self, step: int, drawn: list[Prompt]) -> list[Prompt]:
-        """The prompts of the step's groups: ``drawn`` online, the pool slot's offline."""
+    def prompt_step(self, step: int) -> int:
+        """The step whose drawn prompts this step's groups use: the step itself online, its pool slot offline."""
         pool = self.config.offline_pool
-        return self.offline_prompts(step % pool) if pool else drawn
+        return step % pool if pool else step
 
     def generate(self, step: int, step_prompts: list[Prompt], sample_ids: list[int], on_chunk: Callable[[Rollout], None],
                  count: bool = True) -> Rollout:
